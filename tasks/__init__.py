@@ -1,0 +1,1 @@
+"""One module per pipeline stage: plain typed functions plus Prefect task wrappers."""
