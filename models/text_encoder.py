@@ -1,0 +1,502 @@
+"""The frozen open_clip text encoder that turns captions into conditioning.
+
+`TextEncoder(config).encode(captions)` gives per-token hidden states `(B, L, D)`
+of the last or penultimate transformer block after `ln_final` (the penultimate
+choice is Stable Diffusion 2's), a padding mask, and CLIP's pooled embedding.
+`encode_images` gives CLIP image embeddings for FD_CLIP / CLIP score.
+
+Weights come from a local file or an open_clip pretrained tag that is already
+in the local cache; nothing here ever touches the network. A tag that is not
+cached fails fast and says how to provide the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import TextTransformer, text_global_pool
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .checkpoint import UnsafeCheckpointError
+
+log = logging.getLogger(__name__)
+
+LAYERS = ("last", "penultimate")
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+_SCHEMA_PREFIXES = ("hf-hub:", "local-dir:")
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    model_name: str = "ViT-B-32"  # an open_clip model config name (open_clip.list_models())
+    weights: str | None = None  # local file path, or an open_clip pretrained tag already in the local cache
+    layer: str = "penultimate"  # "last" | "penultimate" block output, then ln_final (as SD2 does)
+    allow_random_init: bool = False  # with weights None: random init (logged loudly) instead of an error
+    random_init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise ValueError(f"model_name must be a non-empty open_clip model name, got {self.model_name!r}")
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
+            raise ValueError(f"weights must be a file path, a pretrained tag or None, got {self.weights!r}")
+        if self.layer not in LAYERS:
+            raise ValueError(f"layer must be one of {LAYERS}, got {self.layer!r}")
+        if not isinstance(self.allow_random_init, bool):
+            raise ValueError(f"allow_random_init must be a bool, got {self.allow_random_init!r}")
+        if isinstance(self.random_init_seed, bool) or not isinstance(self.random_init_seed, int):
+            raise ValueError(f"random_init_seed must be an int, got {self.random_init_seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TextEncoderConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TextEncoderConfig keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class TextEncoding:
+    tokens: torch.Tensor  # (B, L, D) per-token hidden states after ln_final
+    mask: torch.Tensor  # (B, L) bool, True from the start token to the end-of-text token inclusive
+    pooled: torch.Tensor  # (B, E) CLIP pooled text embedding (text_projection applied, unnormalised)
+    lengths: torch.Tensor  # (B,) long, number of real tokens
+
+
+class _TextModules(NamedTuple):
+    """The pieces of an open_clip text tower that `encode` runs itself."""
+
+    token_embedding: torch.nn.Embedding
+    positional_embedding: torch.nn.Parameter
+    transformer: torch.nn.Module  # open_clip.transformer.Transformer (.resblocks, .batch_first)
+    ln_final: torch.nn.Module
+    attn_mask: torch.Tensor | None  # additive causal mask (L, L)
+    pool_type: str
+    eos_id: int | None
+    text_projection: torch.nn.Module | torch.Tensor | None
+
+
+class TextEncoder(torch.nn.Module):
+    """A frozen open_clip model whose text tower yields conditioning for the UNet."""
+
+    def __init__(self, config: TextEncoderConfig, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.config = config
+        model_cfg = _model_config(config.model_name)
+        _check_tokenizer_supported(config.model_name, model_cfg)
+
+        # Resolve the weights before building anything, so a missing file or an
+        # uncached tag fails in milliseconds, not after a large model is initialised.
+        preprocess_overrides: dict[str, Any] = {}
+        if config.weights is None:
+            if not config.allow_random_init:
+                raise ValueError(
+                    f"TextEncoderConfig(model_name={config.model_name!r}) has weights=None. Set `weights` to a "
+                    "local weights file (.safetensors/.bin/.pt/.pth) or to a cached open_clip pretrained tag "
+                    f"(for {config.model_name}: {_tags_hint(config.model_name)}), or set allow_random_init=True "
+                    "for a seeded random encoder (tests and toy runs only: its embeddings carry no meaning)."
+                )
+            weights_path, weights_id = None, f"random-init-{config.random_init_seed}"
+        else:
+            weights_path, weights_id, preprocess_overrides = _resolve_weights(
+                config.model_name, config.weights, model_cfg
+            )
+
+        # A fixed seed on a private CPU RNG stream: the same seed gives the same
+        # weights in every process and on every device, and the caller's RNG is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.random_init_seed)
+            clip = open_clip.create_model(
+                config.model_name,
+                pretrained=None,
+                pretrained_image=False,
+                pretrained_text=False,
+                device="cpu",
+                force_preprocess_cfg=preprocess_overrides or None,
+            )
+        if weights_path is not None:
+            _load_weights_strict(clip, weights_path)
+            log.info("text encoder %s: loaded weights %s (%s)", config.model_name, weights_path, weights_id)
+        else:
+            log.warning(
+                "TEXT ENCODER IS RANDOMLY INITIALISED (model %s, seed %d, allow_random_init=True): caption "
+                "embeddings carry no language meaning. Set `weights` for a real model.",
+                config.model_name,
+                config.random_init_seed,
+            )
+
+        self.clip = clip.to(device)
+        self.clip.requires_grad_(False)
+        self.clip.eval()
+        text = _text_modules(self.clip, config.model_name)
+        n_blocks = len(text.transformer.resblocks)
+        if config.layer == "penultimate" and n_blocks < 2:
+            raise ValueError(f"layer='penultimate' needs >= 2 text blocks; {config.model_name} has {n_blocks}")
+
+        self.tokenizer = open_clip.get_tokenizer(config.model_name, context_length=self.clip.context_length)
+        self.context_length: int = int(self.clip.context_length)
+        self.width: int = int(text.transformer.width)
+        self.pooled_dim: int = _projected_dim(text.text_projection, self.width)
+        self.is_random_init: bool = weights_path is None
+        self.identity: dict[str, Any] = {
+            "model_name": config.model_name,
+            "weights": weights_id,
+            "layer": config.layer,
+            "width": self.width,
+            "context_length": self.context_length,
+        }
+        self.identity_id: str = _safe_id(f"{config.model_name}__{weights_id}__{config.layer}")
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        # Frozen by design: a parent module's .train() must not flip it out of eval.
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self._text().positional_embedding.device
+
+    def _text(self) -> _TextModules:
+        # Looked up per call, not cached: Module.to() replaces buffers (attn_mask) with new tensors.
+        return _text_modules(self.clip, self.config.model_name)
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """open_clip's tokenizer: (B, L) long; too-long captions are cut to L keeping the EOT token last."""
+        if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+            raise TypeError("captions must be a list of str")
+        return self.tokenizer(list(captions), context_length=self.context_length)
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> TextEncoding:
+        t = self._text()
+        text = self.tokenize(captions).to(t.positional_embedding.device)  # (B, L)
+        cast_dtype = t.transformer.get_cast_dtype()
+
+        # Same computation as open_clip's CLIP.encode_text, but the block loop is
+        # ours so the penultimate block's output can be kept (SD2's conditioning).
+        x = t.token_embedding(text).to(cast_dtype)  # (B, L, D)
+        x = x + t.positional_embedding.to(cast_dtype)
+        batch_first = getattr(t.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)  # (L, B, D)
+        blocks = t.transformer.resblocks
+        keep_after = len(blocks) - (1 if self.config.layer == "penultimate" else 0)
+        hidden = x
+        for i, block in enumerate(blocks):
+            x = block(x, attn_mask=t.attn_mask)
+            if i + 1 == keep_after:
+                hidden = x
+        if not batch_first:
+            x, hidden = x.transpose(0, 1), hidden.transpose(0, 1)  # (B, L, D)
+
+        tokens = t.ln_final(hidden)  # (B, L, D)
+        final = tokens if keep_after == len(blocks) else t.ln_final(x)  # (B, L, D)
+        pooled = text_global_pool(final, text, t.pool_type, eos_token_id=t.eos_id)  # (B, D)
+        if isinstance(t.text_projection, torch.nn.Linear):
+            pooled = t.text_projection(pooled)  # (B, E)
+        elif t.text_projection is not None:
+            pooled = pooled @ t.text_projection  # (B, E)
+
+        # Every row holds exactly one EOT token (the tokenizer puts it back after truncation).
+        eot_pos = (text == self.tokenizer.eot_token_id).int().argmax(dim=1)  # (B,)
+        lengths = eot_pos + 1
+        mask = torch.arange(self.context_length, device=text.device)[None, :] < lengths[:, None]  # (B, L)
+        return TextEncoding(tokens=tokens, mask=mask, pooled=pooled, lengths=lengths.long())
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, E) unnormalised CLIP image embeddings.
+
+        Preprocessing follows open_clip's eval transform on tensors: bicubic resize
+        ("shortest": shorter side to the tower's size, then centre crop; "squash":
+        straight to the size), then the tower's mean/std.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(
+                f"images must be in [0, 1], got values in [{lo:.3f}, {hi:.3f}] (from [-1, 1]? use (x + 1) / 2)"
+            )
+
+        visual = self.clip.visual
+        pp = visual.preprocess_cfg
+        out_h, out_w = _to_2tuple(pp["size"])
+        x = images.to(self.device, torch.float32)
+        h, w = x.shape[-2:]
+        if pp["resize_mode"] == "shortest":
+            scale = max(out_h / h, out_w / w)
+            rh, rw = max(out_h, round(h * scale)), max(out_w, round(w * scale))
+            if (rh, rw) != (h, w):
+                x = F.interpolate(x, size=(rh, rw), mode="bicubic", align_corners=False, antialias=True)
+            top, left = (rh - out_h) // 2, (rw - out_w) // 2
+            x = x[:, :, top : top + out_h, left : left + out_w]  # (B, 3, out_h, out_w)
+        elif pp["resize_mode"] == "squash":
+            if (h, w) != (out_h, out_w):
+                x = F.interpolate(x, size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=True)
+        else:
+            raise ValueError(f"resize_mode {pp['resize_mode']!r} of {self.config.model_name} is not supported here")
+        # Bicubic overshoots; open_clip's PIL path clips to uint8 range, so clip likewise.
+        x = x.clamp(0.0, 1.0)
+        mean = torch.tensor(pp["mean"], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(pp["std"], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return self.clip.encode_image((x - mean) / std)  # (B, E)
+
+
+# --- model config and tokenizer -------------------------------------------------------------
+
+
+def _model_config(model_name: str) -> dict[str, Any]:
+    if model_name.startswith(_SCHEMA_PREFIXES):
+        raise ValueError(
+            f"model_name {model_name!r}: hf-hub:/local-dir: sources are not supported (they load or download "
+            "weights on their own). Use an open_clip config name (open_clip.list_models(), or one registered "
+            "with open_clip.add_model_config) and pass the weights file as `weights`."
+        )
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        names = open_clip.list_models()
+        close = difflib.get_close_matches(model_name, names, n=5)
+        hint = f"did you mean {close}? " if close else ""
+        raise ValueError(
+            f"unknown open_clip model_name {model_name!r}: {hint}valid names include {names[:8]} "
+            f"... ({len(names)} in all, see open_clip.list_models()); custom configs can be registered "
+            "with open_clip.add_model_config(path)."
+        )
+    return cfg
+
+
+def _check_tokenizer_supported(model_name: str, model_cfg: dict[str, Any]) -> None:
+    # Models with a Hugging Face or SigLIP tokenizer would fetch it from the hub and
+    # use different special tokens; only open_clip's bundled BPE tokenizer is offline.
+    text_cfg = model_cfg.get("text_cfg", {})
+    if text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name") or "siglip" in model_name.lower():
+        raise ValueError(
+            f"model_name {model_name!r} uses a Hugging Face text tower or tokenizer; only open_clip models with "
+            "its built-in CLIP tokenizer and text transformer are supported (e.g. ViT-B-32, ViT-L-14, ViT-H-14)."
+        )
+
+
+def _text_modules(model: torch.nn.Module, model_name: str) -> _TextModules:
+    if isinstance(model, open_clip.CLIP):
+        return _TextModules(
+            model.token_embedding,
+            model.positional_embedding,
+            model.transformer,
+            model.ln_final,
+            model.attn_mask,
+            model.text_pool_type,
+            getattr(model, "text_eos_id", None),
+            model.text_projection,
+        )
+    text = getattr(model, "text", None)
+    if isinstance(text, TextTransformer) and text.cls_emb is None and not text.use_pad_mask:
+        return _TextModules(
+            text.token_embedding,
+            text.positional_embedding,
+            text.transformer,
+            text.ln_final,
+            text.attn_mask,
+            text.pool_type,
+            text.eos_id,
+            text.text_projection,
+        )
+    raise ValueError(
+        f"model_name {model_name!r} builds a {type(model).__name__} whose text tower is not open_clip's plain "
+        "TextTransformer (e.g. CoCa's class token or a padding mask); it is not supported."
+    )
+
+
+def _projected_dim(projection: torch.nn.Module | torch.Tensor | None, width: int) -> int:
+    if projection is None:
+        return width
+    if isinstance(projection, torch.nn.Linear):
+        return int(projection.out_features)
+    return int(projection.shape[1])
+
+
+# --- weights: local files and cached tags ----------------------------------------------------
+
+
+def _resolve_weights(model_name: str, weights: str, model_cfg: dict[str, Any]) -> tuple[Path, str, dict[str, Any]]:
+    """-> (file, identity string, preprocess overrides) for a local path or a cached pretrained tag."""
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, weights)
+    path = Path(weights).expanduser()
+    if path.is_file() and not tag_cfg:
+        return path, f"sha256:{_sha256_prefix(path)}", {}
+    if not tag_cfg:
+        looks_like_path = os.sep in weights or weights.endswith((".safetensors", *_TORCH_SUFFIXES))
+        if looks_like_path:
+            raise FileNotFoundError(f"weights file not found: {path}")
+        raise ValueError(
+            f"weights {weights!r} is neither an existing file nor an open_clip pretrained tag for {model_name} "
+            f"(tags: {_tags_hint(model_name)})."
+        )
+
+    tag = _clean_tag(weights)
+    model_quick_gelu = bool(model_cfg.get("quick_gelu", False))
+    tag_quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    if model_quick_gelu != tag_quick_gelu:
+        # The activation is not in the state dict, so a mismatch would load fine and encode wrongly.
+        fix = f"{model_name}-quickgelu" if tag_quick_gelu else model_name.removesuffix("-quickgelu")
+        raise ValueError(
+            f"pretrained tag {tag!r} was trained with quick_gelu={tag_quick_gelu} but model {model_name!r} has "
+            f"quick_gelu={model_quick_gelu}; use model_name={fix!r}."
+        )
+    cached = _find_cached_tag_file(tag_cfg)
+    if cached is None:
+        raise FileNotFoundError(
+            f"pretrained tag {tag!r} of {model_name} is not in the local cache, and this encoder never downloads "
+            f"(looked for: {'; '.join(_tag_sources(tag_cfg)) or 'no source listed'}). Either download it on a "
+            f"connected machine (open_clip.create_model({model_name!r}, pretrained={tag!r}) fills the same cache) "
+            "and copy the cache over, or pass the weights file path as `weights`, or set allow_random_init=True "
+            "with weights=None for a toy encoder."
+        )
+    overrides = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+    return cached, f"tag:{tag}", overrides
+
+
+def _clean_tag(tag: str) -> str:
+    # open_clip's own tag normalisation (pretrained._clean_tag), so "a-b" and "a_b" are one identity.
+    return tag.lower().replace("-", "_")
+
+
+def _tags_hint(model_name: str) -> str:
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    return ", ".join(tags) if tags else "none listed by open_clip"
+
+
+def _hf_candidates(hf_hub: str) -> tuple[str, list[str]]:
+    # Mirrors open_clip.pretrained.download_pretrained: "org/repo/file" or "org/repo/"
+    # (default file), preferring a .safetensors sibling of a pickle file.
+    repo_id, filename = os.path.split(hf_hub)
+    filename = filename or "open_clip_pytorch_model.bin"
+    names = []
+    if filename == "open_clip_pytorch_model.bin":
+        names.append("open_clip_model.safetensors")
+    elif filename.endswith((".bin", ".pth")):
+        names.append(filename[:-4] + ".safetensors")
+    return repo_id, names + [filename]
+
+
+def _url_cache_file(url: str) -> Path:
+    # open_clip.pretrained.download_pretrained_from_url's default cache location.
+    return Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+
+
+def _tag_sources(tag_cfg: dict[str, Any]) -> list[str]:
+    sources = []
+    if tag_cfg.get("file"):
+        sources.append(str(tag_cfg["file"]))
+    if tag_cfg.get("hf_hub"):
+        repo_id, names = _hf_candidates(tag_cfg["hf_hub"])
+        sources.append(f"Hugging Face cache {repo_id}/{{{', '.join(names)}}}")
+    if tag_cfg.get("url"):
+        sources.append(str(_url_cache_file(tag_cfg["url"])))
+    return sources
+
+
+def _find_cached_tag_file(tag_cfg: dict[str, Any]) -> Path | None:
+    """The tag's weights file if already on disk; looks only at local caches, never the network."""
+    if tag_cfg.get("file"):
+        p = Path(tag_cfg["file"]).expanduser()
+        return p if p.is_file() else None
+    # open_clip's handle on huggingface_hub.hf_hub_download (a dependency of open_clip);
+    # local_files_only=True reads the cache directory only and makes no HTTP call.
+    hf_hub_download = getattr(open_clip.pretrained, "hf_hub_download", None)
+    if tag_cfg.get("hf_hub") and hf_hub_download is not None:
+        repo_id, names = _hf_candidates(tag_cfg["hf_hub"])
+        for name in names:
+            try:
+                return Path(hf_hub_download(repo_id=repo_id, filename=name, local_files_only=True))
+            except Exception:  # LocalEntryNotFoundError and friends: not cached
+                continue
+    if tag_cfg.get("url"):
+        p = _url_cache_file(tag_cfg["url"])
+        if p.is_file():
+            return p
+    return None
+
+
+def _sha256_prefix(path: Path, n: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from a pickle read with weights_only=True (refuses code)."""
+    if path.suffix == ".safetensors":
+        try:
+            sd = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UnsafeCheckpointError(f"{path} is not a valid safetensors file ({exc})") from exc
+    elif path.suffix in _TORCH_SUFFIXES:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError for code, RuntimeError for TorchScript archives
+            raise UnsafeCheckpointError(
+                f"refused to load {path}: torch.load(weights_only=True) accepts plain tensors only, and this file "
+                f"is not that ({type(exc).__name__}: {exc}). Convert it to .safetensors on a trusted machine."
+            ) from exc
+    else:
+        raise ValueError(f"weights file {path} must end in .safetensors, .bin, .pt or .pth")
+
+    # Same unwrapping as open_clip.factory.load_state_dict: a "state_dict" key, a DDP "module." prefix.
+    if isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    if next(iter(sd)).startswith("module."):
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return sd
+
+
+def _load_weights_strict(model: torch.nn.Module, path: Path) -> None:
+    sd = _read_state_dict(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"weights {path} do not match {type(model).__name__} of this model_name: "
+            f"missing {len(missing)} keys {missing[:10]}, unexpected {len(unexpected)} keys {unexpected[:10]}. "
+            "Is it a checkpoint of a different open_clip architecture?"
+        )
+    mismatched = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if sd[k].shape != v.shape
+    ]
+    if mismatched:
+        raise ValueError(f"weights {path} have shapes that do not fit the model: {mismatched[:10]}")
+    model.load_state_dict(sd, strict=True)
+
+
+def _safe_id(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", s.replace("sha256:", "sha256-").replace("tag:", ""))
+
+
+def _to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)

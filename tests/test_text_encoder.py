@@ -1,0 +1,394 @@
+"""Unit tests for models/text_encoder.py on a tiny open_clip config (CPU, seconds, no network)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import huggingface_hub.constants
+import open_clip
+import open_clip.pretrained
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models.checkpoint import UnsafeCheckpointError
+from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding
+
+TINY = "t2i-test-text-encoder-tiny"  # own name: conftest registers another tiny config
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+CAPTIONS = ["a red circle on a white background", "two blue squares", "a red circle on a white background", ""]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_model_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("open_clip_cfg") / f"{TINY}.json"
+    path.write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(path)
+    assert TINY in open_clip.list_models()
+
+
+def _random(seed: int = 0, layer: str = "penultimate") -> TextEncoder:
+    return TextEncoder(TextEncoderConfig(TINY, layer=layer, allow_random_init=True, random_init_seed=seed))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every DNS lookup and socket connect fails and is recorded; the hub client is told it
+    is online, so only the encoder's own code can keep it off the network."""
+    attempts = []
+
+    def refuse_connect(self, address, *args, **kwargs):
+        attempts.append(address)
+        raise OSError(f"network disabled in tests (connect to {address})")
+
+    def refuse_lookup(host, *args, **kwargs):
+        attempts.append(host)
+        raise socket.gaierror(f"network disabled in tests (lookup of {host})")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse_connect)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse_lookup)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return attempts
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """Point the Hugging Face cache and open_clip's URL cache (~/.cache/clip) at empty folders."""
+    hf_cache = tmp_path / "hf-cache"
+    hf_cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_cache))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return hf_cache
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def test_config_round_trip_and_unknown_keys():
+    cfg = TextEncoderConfig(TINY, weights="x.safetensors", layer="last", random_init_seed=3)
+    assert TextEncoderConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown TextEncoderConfig keys.*'layr'"):
+        TextEncoderConfig.from_dict({**cfg.to_dict(), "layr": "last"})
+    with pytest.raises(ValueError, match="layer must be one of"):
+        TextEncoderConfig(TINY, layer="middle")
+
+
+def test_unknown_model_name_lists_valid_names():
+    with pytest.raises(ValueError, match=r"unknown open_clip model_name 'ViT-B-33'.*ViT-B-32"):
+        TextEncoder(TextEncoderConfig("ViT-B-33", allow_random_init=True))
+    with pytest.raises(ValueError, match="hf-hub:/local-dir: sources are not supported"):
+        TextEncoder(TextEncoderConfig("hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K", allow_random_init=True))
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+def test_encode_shapes_mask_and_lengths():
+    enc = _random()
+    out = enc.encode(CAPTIONS)
+    assert isinstance(out, TextEncoding)
+    B, L, D = len(CAPTIONS), enc.context_length, enc.width
+    assert (enc.context_length, enc.width, enc.pooled_dim) == (77, 32, 32)
+    assert out.tokens.shape == (B, L, D) and out.pooled.shape == (B, enc.pooled_dim)
+    assert out.mask.shape == (B, L) and out.mask.dtype == torch.bool
+    assert out.lengths.dtype == torch.long
+
+    # Oracle: open_clip's own tokenizer; real tokens are the non-zero (non-pad) ids.
+    ids = open_clip.tokenize(CAPTIONS)
+    assert torch.equal(out.lengths, (ids != 0).sum(1))
+    assert out.lengths[3] == 2  # empty caption: start + end-of-text
+    tok = open_clip.get_tokenizer(TINY)
+    for i, n in enumerate(out.lengths.tolist()):
+        assert ids[i, 0] == tok.sot_token_id and ids[i, n - 1] == tok.eot_token_id
+        assert out.mask[i, :n].all() and not out.mask[i, n:].any()
+
+    # Same caption -> identical states; different captions -> different states on real tokens.
+    assert torch.equal(out.tokens[0], out.tokens[2]) and torch.equal(out.pooled[0], out.pooled[2])
+    n = int(min(out.lengths[0], out.lengths[1]))
+    assert not torch.allclose(out.tokens[0, 1:n], out.tokens[1, 1:n])
+    assert not torch.allclose(out.pooled[0], out.pooled[1])
+    assert torch.isfinite(out.tokens).all() and torch.isfinite(out.pooled).all()
+
+
+def test_last_layer_matches_open_clip_encode_text():
+    enc = _random(seed=1, layer="last")
+    out = enc.encode(CAPTIONS)
+    text = enc.tokenize(CAPTIONS)
+    reference = enc.clip.encode_text(text)  # open_clip's own forward: the oracle
+    torch.testing.assert_close(out.pooled, reference, rtol=1e-5, atol=1e-6)
+    # Pool our token states at the EOT position and project: must be encode_text as well.
+    at_eot = out.tokens[torch.arange(len(CAPTIONS)), out.lengths - 1]  # (B, D)
+    torch.testing.assert_close(at_eot @ enc.clip.text_projection, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_penultimate_matches_open_clip_intermediates_and_differs_from_last():
+    pen, last = _random(seed=1, layer="penultimate"), _random(seed=1, layer="last")
+    out_pen, out_last = pen.encode(CAPTIONS), last.encode(CAPTIONS)
+    n_blocks = TINY_CFG["text_cfg"]["layers"]
+    ref = pen.clip.forward_intermediates(
+        text=pen.tokenize(CAPTIONS), text_indices=[n_blocks - 2], normalize_intermediates=True, intermediates_only=True
+    )["text_intermediates"][0]
+    torch.testing.assert_close(out_pen.tokens, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out_pen.tokens, out_last.tokens)
+    # The pooled embedding is CLIP's, whichever layer conditions the UNet.
+    torch.testing.assert_close(out_pen.pooled, out_last.pooled)
+    assert pen.identity["layer"] == "penultimate" and pen.identity_id != last.identity_id
+
+
+def test_frozen_and_autocast():
+    enc = _random()
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.training and not enc.clip.training
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = enc.encode(CAPTIONS[:2])
+    assert torch.isfinite(out.tokens.float()).all() and out.tokens.shape == (2, 77, 32)
+
+
+def test_long_caption_truncated_like_open_clip():
+    enc = _random()
+    caption = "a small red circle next to a big blue square " * 20
+    ids = enc.tokenize([caption, "short"])
+    assert torch.equal(ids, open_clip.tokenize([caption, "short"]))
+    assert torch.equal(ids, open_clip.get_tokenizer(TINY)([caption, "short"]))
+    out = enc.encode([caption])
+    assert out.lengths.tolist() == [enc.context_length] and out.mask.all()
+    assert ids[0, -1] == open_clip.get_tokenizer(TINY).eot_token_id
+
+
+def test_encode_images():
+    enc = _random()
+    for shape in [(2, 3, 32, 32), (2, 3, 16, 16), (3, 3, 20, 28)]:
+        emb = enc.encode_images(torch.rand(shape))
+        assert emb.shape == (shape[0], enc.pooled_dim) and torch.isfinite(emb).all()
+    # At the tower's own size nothing is resized: it is open_clip's encode_image after normalising.
+    x = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(enc.encode_images(x), enc.clip.encode_image((x - mean) / std))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        enc.encode_images(torch.rand(1, 3, 32, 32) * 2 - 1)
+
+
+# --- weights --------------------------------------------------------------------------------
+
+
+def _sha16(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def test_load_local_files_matches_in_memory_model(tmp_path):
+    source = _random(seed=7, layer="last")
+    sd = {k: v.contiguous() for k, v in source.clip.state_dict().items()}
+    files = {
+        "safetensors": tmp_path / "tiny.safetensors",
+        "pt": tmp_path / "tiny.pt",
+        "ddp-wrapped": tmp_path / "tiny_ddp.pth",
+    }
+    save_file(sd, str(files["safetensors"]))
+    torch.save(sd, files["pt"])
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, files["ddp-wrapped"])
+    expected = source.encode(CAPTIONS)
+
+    for path in files.values():
+        # Default seed 0 differs from the source's seed 7: equality proves the file was loaded.
+        enc = TextEncoder(TextEncoderConfig(TINY, weights=str(path), layer="last"))
+        out = enc.encode(CAPTIONS)
+        assert torch.equal(out.tokens, expected.tokens) and torch.equal(out.pooled, expected.pooled)
+        assert not enc.is_random_init
+        assert enc.identity == {
+            "model_name": TINY,
+            "weights": f"sha256:{_sha16(path)}",
+            "layer": "last",
+            "width": 32,
+            "context_length": 77,
+        }
+        assert enc.identity_id == f"{TINY}__sha256-{_sha16(path)}__last"
+
+
+def test_load_is_strict_and_lists_keys(tmp_path):
+    sd = dict(_random().clip.state_dict())
+    sd.pop("ln_final.weight")
+    sd["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    with pytest.raises(ValueError, match=r"missing 1 keys \['ln_final.weight'\].*unexpected 1 keys \['extra.weight'\]"):
+        TextEncoder(TextEncoderConfig(TINY, weights=str(path)))
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        TextEncoder(TextEncoderConfig(TINY, weights=str(tmp_path / "missing.safetensors")))
+
+
+class _CodePayload:
+    """Unpickling this calls open(marker, "w"): code where weights belong."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_carrying_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"ln_final.weight": _CodePayload(marker)}}, path)
+    with pytest.raises(UnsafeCheckpointError, match="weights_only=True"):
+        TextEncoder(TextEncoderConfig(TINY, weights=str(path)))
+    assert not marker.exists()
+
+    # The payload is live: an unsafe load (never done by the encoder) would run it.
+    live_marker, live_path = tmp_path / "live", tmp_path / "live.pt"
+    torch.save(_CodePayload(live_marker), live_path)
+    torch.load(live_path, weights_only=False).close()
+    assert live_marker.exists()
+
+
+def test_weights_none_without_random_init_is_an_error():
+    with pytest.raises(ValueError, match="weights=None.*allow_random_init=True"):
+        TextEncoder(TextEncoderConfig(TINY))
+
+
+def test_uncached_tag_fails_fast_without_network(no_network, empty_caches):
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="not in the local cache.*allow_random_init"):
+        TextEncoder(TextEncoderConfig("ViT-B-32", weights="laion2b_s34b_b79k"))
+    assert no_network == []
+    assert time.perf_counter() - start < 2.0
+    with pytest.raises(ValueError, match="neither an existing file nor an open_clip pretrained tag"):
+        TextEncoder(TextEncoderConfig("ViT-B-32", weights="no_such_tag"))
+
+
+def _fake_hf_cache(hf_cache: Path, repo_id: str, filename: str, sd: dict) -> None:
+    # huggingface_hub's cache layout: refs/main names the snapshot that holds the file.
+    repo = hf_cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file(sd, str(repo / "snapshots" / commit / filename))
+
+
+@pytest.mark.parametrize("source", ["hf_hub", "url"])
+def test_cached_tag_resolves_offline(source, no_network, empty_caches, monkeypatch, tmp_path):
+    ref = _random(seed=5, layer="last")
+    sd = {k: v.contiguous() for k, v in ref.clip.state_dict().items()}
+    if source == "hf_hub":
+        _fake_hf_cache(empty_caches, "t2i-test/tiny-clip", "open_clip_model.safetensors", sd)
+        tag_cfg = {"hf_hub": "t2i-test/tiny-clip/", "url": ""}
+    else:
+        url_cache = tmp_path / "home" / ".cache" / "clip"
+        url_cache.mkdir(parents=True)
+        save_file(sd, str(url_cache / "tiny-clip-weights.safetensors"))
+        tag_cfg = {"hf_hub": "", "url": "https://example.invalid/weights/tiny-clip-weights.safetensors"}
+    tag_cfg |= {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, TINY, {"test_tag": tag_cfg})
+
+    enc = TextEncoder(TextEncoderConfig(TINY, weights="Test-Tag", layer="last"))
+    assert no_network == []
+    assert torch.equal(enc.encode(CAPTIONS).pooled, ref.encode(CAPTIONS).pooled)
+    assert enc.identity["weights"] == "tag:test_tag" and enc.identity_id == f"{TINY}__test_tag__last"
+    assert tuple(enc.clip.visual.preprocess_cfg["mean"]) == (0.5, 0.5, 0.5)  # the tag's preprocessing
+
+
+def test_tag_quick_gelu_mismatch_is_an_error(monkeypatch):
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, TINY, {"qg": {"hf_hub": "x/y/", "quick_gelu": True}})
+    with pytest.raises(ValueError, match=f"use model_name='{TINY}-quickgelu'"):
+        TextEncoder(TextEncoderConfig(TINY, weights="qg"))
+
+
+# --- random init ----------------------------------------------------------------------------
+
+_DIGEST_SCRIPT = """
+import hashlib, json, sys
+import open_clip, torch
+open_clip.add_model_config(sys.argv[1])
+from models.text_encoder import TextEncoder, TextEncoderConfig
+enc = TextEncoder(TextEncoderConfig(sys.argv[2], allow_random_init=True, random_init_seed=11))
+h = hashlib.sha256()
+for k, v in sorted(enc.clip.state_dict().items()):
+    h.update(k.encode()); h.update(v.contiguous().numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def _digest(enc: TextEncoder) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(enc.clip.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_random_init_is_deterministic_per_seed():
+    a, b, c = _random(seed=11), _random(seed=11), _random(seed=12)
+    assert a.is_random_init and a.identity["weights"] == "random-init-11"
+    assert a.identity_id == f"{TINY}__random-init-11__penultimate"
+    assert _digest(a) == _digest(b) != _digest(c)
+    assert torch.equal(a.encode(CAPTIONS).tokens, b.encode(CAPTIONS).tokens)
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch + open_clip: ~5-10 s on 2 cores
+def test_random_init_is_deterministic_across_processes(tmp_path):
+    a = _random(seed=11)
+    cfg_path = tmp_path / f"{TINY}.json"
+    cfg_path.write_text(json.dumps(TINY_CFG))
+    root = Path(__file__).resolve().parents[1]
+    pythonpath = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", _DIGEST_SCRIPT, str(cfg_path), TINY],
+        cwd=root, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == _digest(a)
+
+
+def test_random_init_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    _random(seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# --- device ---------------------------------------------------------------------------------
+
+
+def test_device_move_keeps_working():
+    enc = _random(seed=2)
+    expected = enc.encode(CAPTIONS).tokens
+    enc.to(torch.float64)  # Module.to() replaces buffers such as the causal attn_mask
+    assert enc.encode(CAPTIONS).tokens.dtype == torch.float64
+    enc.to(torch.float32)
+    torch.testing.assert_close(enc.encode(CAPTIONS).tokens, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_placement_and_bf16_autocast():
+    cpu = _random(seed=4)
+    ref = cpu.encode(CAPTIONS)
+    gpu = TextEncoder(cpu.config, device="cuda")
+    assert gpu.device.type == "cuda"
+    out = gpu.encode(CAPTIONS)
+    assert out.tokens.device.type == "cuda" and out.mask.device.type == "cuda"
+    torch.testing.assert_close(out.tokens.cpu(), ref.tokens, rtol=1e-3, atol=1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out16 = gpu.encode(CAPTIONS)
+        img = gpu.encode_images(torch.rand(2, 3, 24, 24, device="cuda"))
+    torch.testing.assert_close(out16.tokens.float().cpu(), ref.tokens, rtol=0.05, atol=0.05)
+    assert img.shape == (2, gpu.pooled_dim) and torch.isfinite(img.float()).all()
+    # Built on the CPU, then moved: the same encoder.
+    cpu.to("cuda")
+    torch.testing.assert_close(cpu.encode(CAPTIONS).tokens, out.tokens)
