@@ -1,0 +1,109 @@
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import UnsafeCheckpointError
+from models.pipeline import GenerationParams, TextToImage
+from models.schedule import NoiseSchedule, ScheduleConfig
+from models.text_encoder import TextEncoder, TextEncoderConfig
+from models.unet import UNet, UNetConfig
+
+
+@pytest.fixture
+def pipe(tiny_clip) -> TextToImage:
+    torch.manual_seed(0)
+    encoder = TextEncoder(TextEncoderConfig(model_name=tiny_clip, allow_random_init=True, random_init_seed=3))
+    unet = UNet(
+        UNetConfig(channels=(16, 32), attention_levels=(False, True), layers_per_block=1, head_dim=8,
+                   norm_groups=8, context_dim=encoder.width)
+    )
+    # conv_out is zero-initialised; perturb every weight so outputs depend on the prompt
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    schedule = NoiseSchedule(ScheduleConfig(num_train_timesteps=100))
+    return TextToImage(unet, schedule, encoder, resolution=8, extra={"step": 0})
+
+
+def test_same_seed_same_image_and_prompts_matter(pipe):
+    params = GenerationParams(steps=5)
+    a = pipe.generate(["a red circle", "a blue square"], seeds=7, params=params)
+    b = pipe.generate(["a red circle", "a blue square"], seeds=7, params=params)
+    assert a.shape == (2, 3, 8, 8)
+    assert torch.equal(a, b)
+    c = pipe.generate(["a red circle"], seeds=8, params=params)
+    assert not torch.equal(a[:1], c)
+    # an image depends on its own prompt and seed only, not on the rest of the batch
+    alone = pipe.generate(["a blue square"], seeds=[8], params=params)
+    assert torch.allclose(a[1:], alone, atol=1e-5)
+
+
+def test_save_then_load_reproduces_outputs(pipe, tmp_path):
+    pipe.save(tmp_path / "model")
+    loaded = TextToImage.load(tmp_path / "model")
+    for sampler in ["ddim", "dpmpp_2m"]:
+        params = GenerationParams(steps=4, sampler=sampler, guidance_scale=2.0)
+        assert torch.equal(
+            pipe.generate(["a green triangle"], seeds=1, params=params),
+            loaded.generate(["a green triangle"], seeds=1, params=params),
+        )
+    images = loaded(["a green triangle"], seed=1, steps=3)
+    assert images[0].size == (8, 8) and images[0].mode == "RGB"
+
+
+def test_saved_unet_weights_override(pipe, tmp_path):
+    ema = {k: torch.zeros_like(v) for k, v in pipe.unet.state_dict().items()}
+    pipe.save(tmp_path / "model", unet_state=ema)
+    loaded = TextToImage.load(tmp_path / "model")
+    assert all(torch.count_nonzero(v) == 0 for v in loaded.unet.state_dict().values())
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_loading_a_pickle_that_carries_code_is_refused(pipe, tmp_path):
+    pipe.save(tmp_path / "model")
+    marker = tmp_path / "pwned"
+    (tmp_path / "model" / "unet.safetensors").write_bytes(pickle.dumps({"w": _Payload(marker)}))
+    with pytest.raises(UnsafeCheckpointError):
+        TextToImage.load(tmp_path / "model")
+    assert not marker.exists()
+
+
+def test_trained_encoder_weights_travel_with_the_model(tiny_clip, pipe, tmp_path):
+    weights = tmp_path / "clip.safetensors"
+    from models.checkpoint import save_weights
+
+    save_weights(pipe.text_encoder.clip.state_dict(), weights)
+    encoder = TextEncoder(TextEncoderConfig(model_name=tiny_clip, weights=str(weights)))
+    with_file = TextToImage(pipe.unet, pipe.schedule, encoder, resolution=8)
+    with_file.save(tmp_path / "model")
+    weights.unlink()  # the saved model must not depend on the original file
+    loaded = TextToImage.load(tmp_path / "model")
+    params = GenerationParams(steps=3)
+    assert torch.equal(with_file.generate(["x"], 0, params), loaded.generate(["x"], 0, params))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sampler": "euler"}, "unknown sampler"),
+        ({"steps": 0}, "steps"),
+        ({"guidance_scale": float("nan")}, "guidance_scale"),
+    ],
+)
+def test_bad_generation_params_are_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GenerationParams(**kwargs)
+
+
+def test_load_of_a_non_model_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_config.json"):
+        TextToImage.load(tmp_path)
