@@ -9,6 +9,8 @@ STAMP  := $(VENV)/.installed
 # Prefect's telemetry tries to resolve a host; the pipeline runs offline.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PYTHONUNBUFFERED := 1
 
 .PHONY: demo test install clean

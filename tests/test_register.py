@@ -1,0 +1,164 @@
+"""Registration and the champion gate, against a temporary SQLite-backed MLflow (see conftest)."""
+
+import os
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # mlflow reads DO_NOT_TRACK only as "true"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+
+from models.pipeline import TextToImage  # noqa: E402
+from models.schedule import NoiseSchedule, ScheduleConfig  # noqa: E402
+from models.text_encoder import TextEncoder, TextEncoderConfig  # noqa: E402
+from models.unet import UNet, UNetConfig  # noqa: E402
+from tasks.contracts import EvalReport, TrainResult  # noqa: E402
+from tasks.register import (  # noqa: E402
+    CANDIDATE,
+    CHAMPION,
+    RegisterConfig,
+    RegisterError,
+    champion_metrics,
+    higher_is_better,
+    is_worse,
+    register_model,
+    restore_champion,
+)
+from tasks.settings import get_settings  # noqa: E402
+
+NAME = "t2i-test"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny convolutions: on a shared 2-core box a second intra-op thread mostly spins (50x slower).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def save_tiny_model(directory, tiny_clip: str, seed: int) -> TrainResult:
+    """A tiny 'trained' TextToImage (random weights, perturbed so the prompt matters), saved."""
+    torch.manual_seed(seed)
+    encoder = TextEncoder(TextEncoderConfig(model_name=tiny_clip, allow_random_init=True, random_init_seed=3))
+    unet = UNet(UNetConfig(channels=(16, 32), attention_levels=(False, True), layers_per_block=1, head_dim=8,
+                           norm_groups=8, context_dim=encoder.width))
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pipe = TextToImage(unet, NoiseSchedule(ScheduleConfig(num_train_timesteps=100)), encoder, resolution=8,
+                       extra={"step": 10, "dataset": "shapes@abc123"})
+    pipe.save(directory)
+    return TrainResult(run_dir=str(directory.parent), checkpoint=str(directory), step=10, metrics={"loss": 0.5})
+
+
+def report(clip_score: float, passed: bool = True) -> EvalReport:
+    return EvalReport(grid_path="grid.png", metrics={"clip_score": clip_score, "fd_clip": 12.5},
+                      primary_metric="clip_score", threshold=0.1, passed=passed, reason="test verdict")
+
+
+@pytest.fixture
+def models_(tmp_path, tiny_clip):
+    """Three different tiny trained models."""
+    return [save_tiny_model(tmp_path / f"run{i}" / "model", tiny_clip, seed=i) for i in range(3)]
+
+
+def _aliases(name: str = NAME) -> dict[str, str]:
+    uri = get_settings().mlflow_tracking_uri
+    return {a: str(v) for a, v in MlflowClient(uri, registry_uri=uri).get_registered_model(name).aliases.items()}
+
+
+def test_metric_direction():
+    assert higher_is_better("clip_score") and higher_is_better("shape_accuracy")
+    assert not higher_is_better("fd_clip") and not higher_is_better("FD_dinov2")
+    assert is_worse("clip_score", 0.2, 0.3) and not is_worse("clip_score", 0.3, 0.3)
+    assert is_worse("fd_clip", 13.0, 12.0) and not is_worse("fd_clip", 11.0, 12.0)
+    assert is_worse("clip_score", float("nan"), 0.3) and is_worse("fd_clip", float("nan"), 12.0)
+
+
+def test_gate_first_passing_worse_better_restore_and_retry(models_):
+    config = RegisterConfig(model_name=NAME)
+    assert champion_metrics(NAME) is None
+
+    first = register_model(models_[0], report(0.30), config)
+    assert (first.version, first.uri, first.aliases) == ("1", f"models:/{NAME}/1", [CANDIDATE, CHAMPION])
+    assert champion_metrics(NAME) == {"clip_score": 0.30, "fd_clip": 12.5}
+
+    # The evaluation said "passed" but the champion is better now: candidate only.
+    worse = register_model(models_[1], report(0.20), config)
+    assert worse.version == "2" and worse.aliases == [CANDIDATE]
+    assert _aliases() == {CANDIDATE: "2", CHAMPION: "1"}
+
+    better = register_model(models_[2], report(0.40), config)
+    assert better.aliases == [CANDIDATE, CHAMPION] and _aliases() == {CANDIDATE: "3", CHAMPION: "3"}
+    uri = get_settings().mlflow_tracking_uri
+    tags = MlflowClient(uri, registry_uri=uri).get_model_version(NAME, "3").tags
+    assert tags["previous_champion"] == "1" and tags["gate.decision"].startswith("champion")
+
+    restored = restore_champion(NAME, 1)
+    assert restored.aliases == [CHAMPION] and _aliases() == {CANDIDATE: "3", CHAMPION: "1"}
+    assert champion_metrics(NAME)["clip_score"] == 0.30
+    with pytest.raises(RegisterError, match="no version 9"):
+        restore_champion(NAME, 9)
+
+    # A retried registration of weights already registered adds no version (and moves no alias
+    # against the gate: v1 is champion again and stays so).
+    assert register_model(models_[0], report(0.30), config) == restored
+    uri = get_settings().mlflow_tracking_uri
+    assert len(MlflowClient(uri, registry_uri=uri).search_model_versions(f"name = '{NAME}'")) == 3
+
+
+def test_first_model_failing_the_gate_is_candidate_only_and_tags_are_complete(models_):
+    client_uri = get_settings().mlflow_tracking_uri
+    client = MlflowClient(client_uri, registry_uri=client_uri)
+    experiment = client.create_experiment("train-exp")
+    train_run = client.create_run(experiment).info.run_id
+    train = models_[0].model_copy(update={"mlflow_run_id": train_run})
+
+    registered = register_model(train, report(0.05, passed=False), RegisterConfig(model_name=NAME),
+                                tags={"owner": "tests"})
+    assert registered.aliases == [CANDIDATE] and champion_metrics(NAME) is None
+
+    mv = client.get_model_version(NAME, registered.version)
+    assert mv.run_id == train_run  # logged into the training run, which exists in this store
+    tags = mv.tags
+    assert tags["dataset_version"] == "shapes@abc123"
+    assert tags["encoder_id"].startswith("t2i-test-tiny-clip__random-init-3")
+    assert tags["mlflow_train_run_id"] == train_run
+    assert tags["prefect_flow_run_id"] == "none"
+    assert tags["git_commit"]
+    assert tags["eval.clip_score"] == "0.05" and tags["eval.fd_clip"] == "12.5"
+    assert tags["eval.passed"] == "false" and tags["eval.primary_metric"] == "clip_score"
+    assert tags["owner"] == "tests"
+
+
+def test_bad_inputs_are_clear_errors(models_, tmp_path):
+    with pytest.raises(RegisterError, match="primary_metric"):
+        bad = report(0.3).model_copy(update={"primary_metric": "nope"})
+        register_model(models_[0], bad, RegisterConfig(model_name=NAME))
+    with pytest.raises(RegisterError, match="not a saved TextToImage"):
+        register_model(models_[0].model_copy(update={"checkpoint": str(tmp_path)}), report(0.3))
+    with pytest.raises(RegisterError, match="overwrite"):
+        register_model(models_[0], report(0.3), RegisterConfig(model_name=NAME), tags={"eval.clip_score": "1"})
+    with pytest.raises(ValueError, match="model_name"):
+        RegisterConfig(model_name="bad/name")
+    with pytest.raises(ValueError, match="extra"):
+        RegisterConfig(modelname="typo")
+
+
+def test_prefect_task_retries_only_what_a_retry_can_fix():
+    from mlflow.exceptions import MlflowException
+
+    from tasks.register import _retry_unless_bad_input, register_task
+
+    class _State:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def result(self):
+            raise self.exc
+
+    assert register_task.retries == 2
+    assert _retry_unless_bad_input(None, None, _State(RegisterError("no such checkpoint"))) is False
+    assert _retry_unless_bad_input(None, None, _State(MlflowException("database is locked"))) is True
