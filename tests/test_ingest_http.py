@@ -1,0 +1,162 @@
+"""Ingest from URL lists against an HTTP server on 127.0.0.1 started by the test.
+
+Routes cover 200, 404, a server that never answers in time, one that answers slowly
+(but in time), one that trickles bytes past the deadline, a flaky 503, redirects and
+non-image bodies. Every URL ends as a row or a reject carrying its status.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tasks.ingest import IngestConfig, detect_source, ingest_dataset
+
+
+def png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class Handler(BaseHTTPRequestHandler):
+    flaky_calls: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def send(self, status: int, body: bytes, content_type: str = "image/png") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        try:
+            self.route(self.path)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeouts): expected here
+
+    def route(self, path: str) -> None:
+        if path.startswith("/img/"):
+            self.send(200, png(int(path.split("/")[-1].split(".")[0])))
+        elif path == "/missing.png":
+            self.send(404, b"not found", "text/plain")
+        elif path == "/hang.png":
+            time.sleep(2.5)  # far beyond the client's timeout
+            self.send(200, png(90))
+        elif path.startswith("/slow/"):
+            time.sleep(0.3)  # slow, but within the timeout
+            self.send(200, png(int(path.split("/")[-1].split(".")[0])))
+        elif path == "/trickle.png":
+            body = png(91)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for i in range(0, len(body), 200):  # each gap is short; the whole is too slow
+                self.wfile.write(body[i : i + 200])
+                self.wfile.flush()
+                time.sleep(0.1)
+        elif path == "/flaky.png":
+            with self.lock:
+                calls = self.flaky_calls[path] = self.flaky_calls.get(path, 0) + 1
+            if calls == 1:
+                self.send(503, b"busy", "text/plain")
+            else:
+                self.send(200, png(92))
+        elif path == "/text.png":
+            self.send(200, b"<html>an error page</html>", "text/html")
+        elif path == "/redirect.png":
+            self.send_response(302)
+            self.send_header("Location", "/img/93.png")
+            self.end_headers()
+        elif path == "/redirect-to-file.png":
+            self.send_response(302)
+            self.send_header("Location", "file:///etc/passwd")
+            self.end_headers()
+        else:
+            self.send(500, b"unexpected route", "text/plain")
+
+
+@pytest.fixture
+def server(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    Handler.flaky_calls = {}
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+CONFIG = IngestConfig(workers=1, val_fraction=0.0, http_timeout_s=0.8, http_retries=1, http_backoff_s=0.05)
+
+
+def test_url_list_every_status_is_counted(server: str, tmp_path: Path):
+    expected = {
+        f"{server}/img/1.png": None,
+        f"{server}/img/2.png": None,
+        f"{server}/slow/3.png": None,
+        f"{server}/flaky.png": None,  # 503 once, then 200: the retry saves it
+        f"{server}/redirect.png": None,
+        f"{server}/missing.png": "http_error",
+        f"{server}/hang.png": "timeout",
+        f"{server}/trickle.png": "timeout",
+        f"{server}/text.png": "undecodable",
+        f"{server}/redirect-to-file.png": "http_error",
+        "http://127.0.0.1:1/closed-port.png": "download_failed",
+        "file:///etc/passwd": "bad_url",
+        "ftp://example.com/a.png": "bad_url",
+    }
+    lines = ["url,caption"] + [f"{url},caption for {i}" for i, url in enumerate(expected)]
+    (tmp_path / "urls.csv").write_text("\n".join(lines) + "\n")
+    assert detect_source(tmp_path / "urls.csv").kind == "urls"
+
+    started = time.monotonic()
+    dv = ingest_dataset(tmp_path / "urls.csv", "web", CONFIG, progress=False)
+    assert time.monotonic() - started < 15
+
+    assert dv.counts["train"] + dv.counts["rejects"] == len(expected)
+    rejects = {r["source_uri"]: r for r in pq.read_table(Path(dv.root) / "rejects.parquet").to_pylist()}
+    assert {u: r["reason"] for u, r in rejects.items()} == {u: r for u, r in expected.items() if r}
+    assert "HTTP 404" in rejects[f"{server}/missing.png"]["detail"]
+    assert "2 attempts" in rejects[f"{server}/hang.png"]["detail"]
+    assert rejects["file:///etc/passwd"]["caption"] == "caption for 11"
+    accepted = pq.read_table(Path(dv.root) / "train").to_pylist()
+    assert sorted(r["source_uri"] for r in accepted) == sorted(u for u, r in expected.items() if r is None)
+    assert all(Image.open(io.BytesIO(r["image"])).size == (32, 32) for r in accepted)
+
+
+def test_parquet_url_list_with_laion_column_names_downloads_concurrently(server: str, tmp_path: Path):
+    urls = [f"{server}/slow/{i}.png" for i in range(8)]
+    table = pa.table({"URL": urls, "TEXT": [f"slow image {i}" for i in range(8)], "similarity": [0.3] * 8})
+    pq.write_table(table, tmp_path / "laion.parquet")
+    config = CONFIG.model_copy(update={"http_concurrency": 8})
+    started = time.monotonic()
+    dv = ingest_dataset(tmp_path / "laion.parquet", "laion", config, progress=False)
+    elapsed = time.monotonic() - started
+    assert dv.counts == {"train": 8, "val": 0, "rejects": 0}
+    assert elapsed < 8 * 0.3  # eight 0.3 s answers, fetched at once
+
+
+def test_url_list_without_required_columns_is_a_clear_error(tmp_path: Path):
+    (tmp_path / "urls.csv").write_text("link,caption\nhttp://x/a.png,a\n")
+    from tasks.ingest import IngestError
+
+    with pytest.raises(IngestError, match="needs a url and a caption"):
+        ingest_dataset(tmp_path / "urls.csv", "bad", CONFIG, progress=False)
