@@ -1,0 +1,347 @@
+"""Evaluate stage: metric functions against closed forms, the grid layout, the gate, and
+evaluate_model on tiny runs (a random tiny model, and an oracle that draws what it is asked)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+import tasks.evaluate as evaluate
+from models.pipeline import GenerationParams, TextToImage
+from models.schedule import NoiseSchedule, ScheduleConfig
+from models.text_encoder import TextEncoder, TextEncoderConfig
+from models.unet import UNet, UNetConfig
+from tasks.attributes import parse_caption
+from tasks.contracts import TrainResult
+from tasks.evaluate import (
+    EvalConfig,
+    attribute_prompts,
+    evaluate_model,
+    frechet_distance,
+    gate,
+    grid_layout,
+    is_better_or_equal,
+    make_grid,
+    resolve_gate,
+    save_grid,
+    shapes_source,
+)
+from tasks.ingest import IngestConfig, ingest_dataset
+from tasks.settings import get_settings
+from tasks.shapes import ShapesConfig, ShapeSpec, generate_shapes, render_shapes
+
+RES = 16
+
+
+# --- fixtures ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Sampling here is many tiny forward passes: on a shared 2-core box two threads per process
+    # oversubscribe the cores and each pass takes 50x longer than with one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes-data")
+    source = generate_shapes(root / "source", ShapesConfig(n_images=48, resolution=32, seed=3))
+    config = IngestConfig(workers=1, resolution=RES, val_fraction=0.3)
+    return ingest_dataset(source, "shapes", config, data_root=root / "data", progress=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_clip, tmp_path_factory) -> Path:
+    """A tiny random TextToImage (16 px, T = 20), saved as the train stage saves one."""
+    torch.manual_seed(0)
+    encoder = TextEncoder(TextEncoderConfig(model_name=tiny_clip, allow_random_init=True, random_init_seed=3))
+    unet = UNet(
+        UNetConfig(channels=(16, 32), attention_levels=(False, True), layers_per_block=1, head_dim=8,
+                   norm_groups=8, context_dim=encoder.width)
+    )
+    with torch.no_grad():  # conv_out is zero-initialised; perturb so outputs depend on the prompt
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pipe = TextToImage(unet, NoiseSchedule(ScheduleConfig(num_train_timesteps=20)), encoder, resolution=RES)
+    return pipe.save(tmp_path_factory.mktemp("run") / "model")
+
+
+def _train_result(tmp_path: Path, checkpoint: Path, run_id: str | None = None) -> TrainResult:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)
+    return TrainResult(run_dir=str(run_dir), checkpoint=str(checkpoint), step=7, mlflow_run_id=run_id)
+
+
+TINY = dict(
+    prompts=["a large red circle in the centre", "a small blue square in the top left"],
+    n_val_captions=2,
+    seeds=[0, 1],
+    steps=3,
+    n_attribute_prompts=6,
+    n_fd_samples=8,
+    steps_table_runs=[("ddpm", 1000), ("ddim", 3), ("ddim", 2), ("dpmpp_2m", 2)],
+    steps_table_prompts=3,
+    batch_size=8,
+    device="cpu",
+)
+
+
+# --- direction rule and gate --------------------------------------------------------------------------
+
+
+def test_is_better_or_equal_knows_each_metrics_direction():
+    assert is_better_or_equal("attr_accuracy", 0.8, 0.7) and not is_better_or_equal("attr_accuracy", 0.6, 0.7)
+    assert is_better_or_equal("clip_score", 0.3, 0.3)
+    assert is_better_or_equal("fd_clip", 1.0, 2.0) and not is_better_or_equal("fd_clip", 3.0, 2.0)
+    assert is_better_or_equal("fd_clip", 2.0, 2.0)
+    assert not is_better_or_equal("attr_accuracy", math.nan, 0.0)
+    assert not is_better_or_equal("fd_clip", math.nan, 1e9) and not is_better_or_equal("fd_clip", math.inf, 1e9)
+
+
+def test_gate_needs_the_threshold_and_no_regression_against_the_champion():
+    m = {"attr_accuracy": 0.8, "fd_clip": 5.0}
+    assert gate(m, "attr_accuracy", 0.7, None)[0]
+    passed, why = gate(m, "attr_accuracy", 0.9, None)
+    assert not passed and "threshold" in why
+    assert gate(m, "attr_accuracy", 0.7, {"attr_accuracy": 0.8})[0]  # equal to the champion: passes
+    passed, why = gate(m, "attr_accuracy", 0.7, {"attr_accuracy": 0.85})
+    assert not passed and "champion" in why
+    assert gate(m, "attr_accuracy", 0.7, {"fd_clip": 1.0})[0]  # the champion has no attr_accuracy
+    assert gate(m, "fd_clip", 10.0, {"fd_clip": 6.0})[0]  # lower is better
+    assert not gate(m, "fd_clip", 10.0, {"fd_clip": 4.0})[0]
+    assert not gate(m, "fd_clip", 4.0, None)[0]
+    assert not gate(m, "heldout_accuracy", 0.0, None)[0]  # not measured: fails, does not crash
+
+
+def test_gate_config_errors_teach():
+    with pytest.raises(ValidationError, match="extra"):
+        EvalConfig(stepz=3)
+    with pytest.raises(ValidationError, match="threshold"):
+        EvalConfig(primary_metric="fd_clip")
+    assert resolve_gate(EvalConfig(), is_shapes=True) == ("attr_accuracy", 0.5)
+    assert resolve_gate(EvalConfig(threshold=12.0), is_shapes=False) == ("fd_clip", 12.0)
+    with pytest.raises(ValueError, match="no default threshold"):
+        resolve_gate(EvalConfig(), is_shapes=False)
+    with pytest.raises(ValueError, match="shapes dataset"):
+        resolve_gate(EvalConfig(primary_metric="attr_accuracy"), is_shapes=False)
+
+
+# --- FD and CLIP score -------------------------------------------------------------------------------------
+
+
+def test_fd_of_a_set_against_itself_is_zero_and_grows_with_noise():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16))  # correlated dimensions
+    assert frechet_distance(x, x) < 1e-8
+    noise = rng.normal(size=x.shape)
+    fds = [frechet_distance(x, x + s * noise) for s in (0.1, 0.5, 1.0, 2.0)]
+    assert 0 < fds[0] < fds[1] < fds[2] < fds[3]
+
+
+def test_fd_matches_the_closed_form_for_an_affine_copy():
+    # b = 2a + 3: S_b = 4 S_a, (S_a S_b)^(1/2) = 2 S_a, so FD = |mu_a + 3|^2 + Tr S_a.
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(200, 8)) @ rng.normal(size=(8, 8)) + rng.normal(size=8)
+    expected = np.sum((a.mean(0) + 3) ** 2) + np.trace(np.cov(a, rowvar=False))
+    assert frechet_distance(a, 2 * a + 3) == pytest.approx(expected, rel=1e-8)
+
+
+def test_fd_matches_scipy_sqrtm_and_handles_fewer_samples_than_dims():
+    linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(100, 6)), rng.normal(size=(80, 6)) * 1.5 + 0.3
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    oracle = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca + cb - 2 * linalg.sqrtm(ca @ cb).real)
+    assert frechet_distance(a, b) == pytest.approx(oracle, rel=1e-6)
+    few = frechet_distance(rng.normal(size=(10, 32)), rng.normal(size=(10, 32)))  # singular covariances
+    assert math.isfinite(few) and few > 0
+    with pytest.raises(ValueError, match="2 samples"):
+        frechet_distance(a[:1], b)
+
+
+def test_clip_score_is_the_mean_cosine():
+    t = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    i = torch.tensor([[3.0, 0.0], [1.0, 0.0]])
+    assert evaluate.clip_score(t, i) == pytest.approx(0.5)
+
+
+# --- grid ------------------------------------------------------------------------------------------------------
+
+
+def test_grid_has_a_cell_per_prompt_and_seed_and_a_label_under_each_row(tmp_path):
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    labels = ["red row", "green row " + "with a very long caption " * 6, "blue row"]
+    images = [Image.new("RGB", (RES, RES), c) for c in colours for _ in range(2)]
+    grid = make_grid(images, labels, n_cols=2)
+    layout = grid_layout(labels, 2, RES)
+    assert grid.size == layout.size
+    assert layout.cell == 96 and grid.width == 2 * 96 + 3 * evaluate.GRID_PAD
+    assert len(layout.lines[1]) > 1 and len(layout.lines[0]) == 1  # long captions wrap
+    pixels = np.asarray(grid)
+    for row, colour in enumerate(colours):
+        for col in range(2):
+            x = evaluate.GRID_PAD + col * (layout.cell + evaluate.GRID_PAD) + layout.cell // 2
+            assert tuple(pixels[layout.row_tops[row] + layout.cell // 2, x]) == colour
+        left, top, right, bottom = layout.label_boxes[row]
+        band = pixels[top:bottom, left:right]
+        assert (band.min(axis=-1) < 100).sum() > 20  # text was written there
+        assert top >= layout.row_tops[row] + layout.cell
+    path = save_grid(grid, tmp_path / "grid.png", labels, [0, 1], GenerationParams(steps=3))
+    with Image.open(path) as saved:
+        assert json.loads(saved.text["t2i.prompts"]) == labels and saved.size == grid.size
+    with pytest.raises(ValueError, match="rows"):
+        make_grid(images[:5], labels, n_cols=2)
+
+
+# --- prompts from the shapes source -----------------------------------------------------------------------------
+
+
+def test_shapes_source_reads_the_generator_heldout_list_and_falls_back_to_the_rows(shapes_dataset, tmp_path):
+    source = shapes_source(shapes_dataset)
+    manifest = json.loads(Path(shapes_dataset.manifest).read_text())
+    heldout = json.loads((Path(manifest["source"]["root"]) / "heldout.json").read_text())
+    assert source.heldout_pairs == tuple(tuple(p) for p in heldout["colour_shape"])
+    assert [p for p, _ in source.heldout_prompts] == [p["text"] for p in heldout["prompts"]]
+
+    # source folder gone: the rows' ground truth still says it is shapes data, and which pairs it lacks
+    manifest["source"]["root"] = str(tmp_path / "moved")
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    fallback = shapes_source(shapes_dataset.model_copy(update={"manifest": str(tmp_path / "manifest.json")}))
+    assert set(source.heldout_pairs) <= set(fallback.heldout_pairs)
+    assert all(parse_caption(p).objects == objs for p, objs in fallback.heldout_prompts)
+
+    prompts = attribute_prompts(source, 40)
+    assert prompts == attribute_prompts(source, 40) and len(prompts) == 40
+    assert len(set(prompts)) == 40
+    for text, (attrs,) in prompts:
+        assert (attrs.colour, attrs.shape) not in source.heldout_pairs
+        assert parse_caption(text).objects == (attrs,)
+
+
+# --- evaluate_model -------------------------------------------------------------------------------------------
+
+
+def test_evaluate_tiny_run_logs_metrics_and_grid_to_the_training_run(shapes_dataset, checkpoint, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=get_settings().mlflow_tracking_uri)
+    run_id = client.create_run(client.create_experiment("t2i")).info.run_id
+    train = _train_result(tmp_path, checkpoint, run_id)
+    config = EvalConfig(**TINY, threshold=0.0)
+    report = evaluate_model(train, shapes_dataset, config, progress=False)
+
+    m = report.metrics
+    for prefix in ("attr", "heldout"):
+        for name in ("colour_acc", "shape_acc", "position_acc", "size_acc", "accuracy", "all_correct"):
+            assert 0.0 <= m[f"{prefix}_{name}"] <= 1.0
+    assert m["attr_n"] == 6 and m["heldout_n"] == len(shapes_source(shapes_dataset).heldout_prompts)
+    assert m["fd_clip"] > 0 and m["fd_clip_n"] == 8 and m["fd_clip_uncalibrated"] == 1.0
+    assert -1 <= m["clip_score"] <= 1 and m["images_per_s"] > 0
+    for tag in ("ddpm_1000", "ddim_3", "ddim_2", "dpmpp_2"):
+        assert 0.0 <= m[f"acc_{tag}"] <= 1.0 and m[f"images_per_s_{tag}"] > 0
+    assert report.passed and report.primary_metric == "attr_accuracy" and report.threshold == 0.0
+    assert "random-init" in report.reason and "8 generated" in report.reason
+
+    labels = TINY["prompts"] + evaluate.read_rows(shapes_dataset, "val", 2)[0]
+    with Image.open(report.grid_path) as grid:
+        assert grid.size == grid_layout(labels, 2, RES).size
+        assert json.loads(grid.text["t2i.prompts"]) == labels
+    assert Path(report.grid_path).parent.parent == Path(train.run_dir) / "eval"
+
+    run = client.get_run(run_id)
+    assert run.data.metrics["attr_accuracy"] == pytest.approx(m["attr_accuracy"])
+    assert run.data.metrics["acc_ddpm_1000"] == pytest.approx(m["acc_ddpm_1000"])
+    assert run.data.tags["t2i.eval.sampler"] == "ddim"
+    artifact_dir = f"eval/{Path(report.grid_path).parent.name}"
+    logged = {Path(a.path).name for a in client.list_artifacts(run_id, artifact_dir)}
+    assert logged >= {"grid.png", "steps_table.json", "eval.json"}
+
+    # Again (a retried task): metrics come from the run directory; the gate is decided anew.
+    start = time.perf_counter()
+    again = evaluate_model(train, shapes_dataset, config, champion_metrics={"attr_accuracy": 2.0}, progress=False)
+    assert time.perf_counter() - start < 5
+    assert again.metrics == m and not again.passed and "champion" in again.reason
+    assert len(client.get_metric_history(run_id, "attr_accuracy")) == 1  # not logged twice
+
+
+class OraclePipe:
+    """Draws exactly what a shapes prompt asks for: every attribute metric must be 1."""
+
+    def __init__(self, real: TextToImage):
+        self.schedule, self.text_encoder, self.resolution = real.schedule, real.text_encoder, real.resolution
+
+    def generate(self, prompts, seeds, params=None, progress=False):
+        out = []
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            parsed = parse_caption(prompt)
+            if parsed is None:
+                out.append(torch.rand((3, RES, RES), generator=torch.Generator().manual_seed(seed)) * 2 - 1)
+                continue
+            specs = [ShapeSpec(o.colour, o.shape, o.size or "small", o.position) for o in parsed.objects]
+            pixels = np.asarray(render_shapes(specs, RES * 2, parsed.background or "black").resize((RES, RES), Image.LANCZOS))
+            out.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1)
+        return torch.stack(out)
+
+
+def test_an_oracle_model_scores_perfect_attribute_accuracy(shapes_dataset, checkpoint, tmp_path, monkeypatch):
+    real = TextToImage.load(checkpoint)
+    monkeypatch.setattr(evaluate.TextToImage, "load", classmethod(lambda cls, d, device="cpu": OraclePipe(real)))
+    config = EvalConfig(**{**TINY, "n_attribute_prompts": 30, "steps_table_prompts": 8})
+    report = evaluate_model(_train_result(tmp_path, checkpoint), shapes_dataset, config, progress=False, mlflow_experiment=None)
+    m = report.metrics
+    assert m["attr_accuracy"] == 1.0 and m["attr_all_correct"] == 1.0
+    assert m["heldout_accuracy"] == 1.0 and m["heldout_all_correct"] == 1.0
+    assert all(m[f"acc_{tag}"] == 1.0 for tag in ("ddpm_1000", "ddim_3", "ddim_2", "dpmpp_2"))
+    assert report.passed  # default threshold 0.5
+
+
+def test_evaluate_task_reads_the_champion_from_the_registry(shapes_dataset, checkpoint, tmp_path, monkeypatch):
+    import tasks.register
+
+    real = TextToImage.load(checkpoint)
+    monkeypatch.setattr(evaluate.TextToImage, "load", classmethod(lambda cls, d, device="cpu": OraclePipe(real)))
+    asked = []
+    monkeypatch.setattr(tasks.register, "champion_metrics", lambda name: asked.append(name) or {"attr_accuracy": 1.0})
+    config = EvalConfig(**{**TINY, "steps_table": False})
+    train = _train_result(tmp_path, checkpoint)
+    report = evaluate.evaluate_task.fn(train, shapes_dataset, config, model_name="t2i-shapes", mlflow_experiment=None)
+    assert asked == ["t2i-shapes"] and report.passed and "no worse than the champion" in report.reason
+    report = evaluate.evaluate_task.fn(train, shapes_dataset, config, champion_metrics={"attr_accuracy": 1.5},
+                                       model_name="t2i-shapes", mlflow_experiment=None)
+    assert asked == ["t2i-shapes"] and not report.passed
+
+
+def test_other_data_is_gated_on_fd_clip(checkpoint, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(f"a photo of thing number {i}")
+    dataset = ingest_dataset(folder, "photos", IngestConfig(workers=1, resolution=RES, val_fraction=0.5), progress=False)
+    assert shapes_source(dataset) is None
+    train = _train_result(tmp_path, checkpoint)
+    with pytest.raises(ValueError, match="threshold"):
+        evaluate_model(train, dataset, EvalConfig(**TINY), progress=False, mlflow_experiment=None)
+    config = EvalConfig(**{**TINY, "steps_table_runs": [("ddim", 2)]}, threshold=1e6)
+    report = evaluate_model(train, dataset, config, progress=False)  # MLflow on: a new run in experiment t2i
+    assert report.primary_metric == "fd_clip" and report.passed and "uncalibrated" in report.reason
+    assert not any(k.startswith(("attr_", "heldout_", "acc_")) for k in report.metrics)
+    assert "clip_score_ddim_2" in report.metrics
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=get_settings().mlflow_tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("t2i").experiment_id])
+    assert len(runs) == 1 and runs[0].data.metrics["fd_clip"] == pytest.approx(report.metrics["fd_clip"])
