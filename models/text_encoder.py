@@ -182,14 +182,34 @@ class TextEncoder(torch.nn.Module):
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> TextEncoding:
+        return self.encode_tokens(self.tokenize(captions))
+
+    @torch.no_grad()
+    def encode_tokens(self, text: torch.Tensor) -> TextEncoding:
+        """Token ids from `tokenize`, (B, L') with L' <= context_length -> an encoding of length L'.
+
+        Cutting padding columns off (L' < context_length) is exact as long as every row keeps
+        its end-of-text token: the tower is causal, so a token never attends to a later
+        position, and the pooled embedding is read at the end-of-text token. The embed stage
+        cuts each length-sorted batch to its longest caption, which saves most of the compute.
+        """
         t = self._text()
-        text = self.tokenize(captions).to(t.positional_embedding.device)  # (B, L)
+        if text.ndim != 2 or not 1 <= text.shape[1] <= self.context_length:
+            raise ValueError(f"text must be (B, L) token ids with L <= {self.context_length}, got {tuple(text.shape)}")
+        eot = text == self.tokenizer.eot_token_id  # (B, L)
+        if not bool(eot.any(dim=1).all()):
+            raise ValueError("every row needs its end-of-text token: cut no shorter than the longest caption")
+        if text.shape[1] < self.context_length and t.pool_type not in ("argmax", "eos", "first"):
+            raise ValueError(f"pool_type {t.pool_type!r} reads a fixed position; encode at the full context length")
+        length = text.shape[1]
+        text = text.to(t.positional_embedding.device)  # (B, L)
         cast_dtype = t.transformer.get_cast_dtype()
 
         # Same computation as open_clip's CLIP.encode_text, but the block loop is
         # ours so the penultimate block's output can be kept (SD2's conditioning).
         x = t.token_embedding(text).to(cast_dtype)  # (B, L, D)
-        x = x + t.positional_embedding.to(cast_dtype)
+        x = x + t.positional_embedding[:length].to(cast_dtype)
+        attn_mask = None if t.attn_mask is None else t.attn_mask[:length, :length]
         batch_first = getattr(t.transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1)  # (L, B, D)
@@ -197,7 +217,7 @@ class TextEncoder(torch.nn.Module):
         keep_after = len(blocks) - (1 if self.config.layer == "penultimate" else 0)
         hidden = x
         for i, block in enumerate(blocks):
-            x = block(x, attn_mask=t.attn_mask)
+            x = block(x, attn_mask=attn_mask)
             if i + 1 == keep_after:
                 hidden = x
         if not batch_first:
@@ -212,9 +232,8 @@ class TextEncoder(torch.nn.Module):
             pooled = pooled @ t.text_projection  # (B, E)
 
         # Every row holds exactly one EOT token (the tokenizer puts it back after truncation).
-        eot_pos = (text == self.tokenizer.eot_token_id).int().argmax(dim=1)  # (B,)
-        lengths = eot_pos + 1
-        mask = torch.arange(self.context_length, device=text.device)[None, :] < lengths[:, None]  # (B, L)
+        lengths = eot.int().argmax(dim=1).to(text.device) + 1  # (B,)
+        mask = torch.arange(length, device=text.device)[None, :] < lengths[:, None]  # (B, L)
         return TextEncoding(tokens=tokens, mask=mask, pooled=pooled, lengths=lengths.long())
 
     @torch.no_grad()

@@ -1,0 +1,784 @@
+"""Embed stage: a dataset version's captions -> CLIP text embeddings on disk (an `EmbeddingSet`).
+
+Training never runs the text encoder. This stage encodes every distinct caption
+of the dataset once, plus the empty caption (the unconditional embedding of
+classifier-free guidance), and optionally the validation images with the CLIP
+image tower (for evaluation metrics):
+
+    es = embed_dataset(dataset, EmbedConfig(encoder={"weights": "/models/vit-b-32.safetensors"}))
+    train = load_embeddings(es, "train")  # tokens (N, L, D) float16, mask (N, L), pooled (N, E), uncond_*
+
+Layout of `<data_root>/embeddings/<dataset-version>/<encoder-id>/` (format 1):
+
+    captions/part-00000.parquet  one row per distinct caption, "" included: caption_id (sha256 hex of the
+                                 UTF-8 caption), caption, num_tokens (start..end-of-text token), tokens,
+                                 pooled; rows sorted longest first within a shard
+    train/part-*.parquet         one row per dataset row, in dataset order: id, caption_id
+    val/part-*.parquet
+    val_images/part-*.parquet    only with encode_val_images: id, image_embed
+    manifest.json                encoder identity and config, dataset version, counts, longest caption
+
+`tokens` holds the real tokens only, as raw little-endian float16 bytes of a C-order
+`(num_tokens, width)` array; `pooled` and `image_embed` are fixed-size float32 bytes.
+Raw bytes rather than Parquet lists, because Parquet writes nested lists value by value
+with repetition levels (~30 MB/s here) but binary at ~1.8 GB/s, and float16 hidden
+states do not compress (zstd saves ~8%). `load_embeddings` pads them back with a mask.
+
+Publication is one rename of a temporary sibling directory, so a killed run leaves no
+partial set, and the same dataset version + encoder identity returns the published set
+at once. `embed_dataset` is the plain function, `embed_task` its Prefect wrapper,
+`embed_from_path` what the CLI calls. Prefect is optional here: without it (the GPU
+benchmark box) `embed_task` is the plain function, and everything else works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import open_clip
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tqdm.auto import tqdm
+
+from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding
+from tasks.contracts import DatasetVersion, EmbeddingSet
+from tasks.settings import get_settings
+
+try:
+    from prefect import task
+except ImportError:  # torch-only boxes (the GPU benchmark) run the plain functions without Prefect
+
+    def task(**_options: Any) -> Callable[[Callable], Callable]:
+        return lambda fn: fn
+
+
+# Bump when the layout or the meaning of the files changes; a set of another format is refused.
+EMBED_FORMAT = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val")
+UNCOND_CAPTION = ""  # classifier-free guidance drops captions to this
+TOKENS_DTYPE = np.dtype("<f2")
+EMBED_DTYPE = np.dtype("<f4")
+_ROWS_PER_READ = 65536
+_PARTIAL = ".partial-"
+
+ROW_SCHEMA = pa.schema([("id", pa.string()), ("caption_id", pa.string())])
+
+
+class EmbedError(ValueError):
+    """The dataset, the config or a stored set cannot give embeddings; the message says what to do."""
+
+
+class EmbedConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    encoder: dict[str, Any] = Field(
+        default_factory=dict,
+        description="TextEncoderConfig fields: model_name, weights, layer, allow_random_init, random_init_seed",
+    )
+    batch_size: int = Field(256, ge=1, description="captions per encoder call")
+    encode_val_images: bool = Field(False, description="also store CLIP image embeddings of the val split")
+    image_batch_size: int = Field(256, ge=1)
+    device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1' ...; None: cuda when available, else cpu")
+    captions_per_shard: int = Field(
+        65536, ge=1, description="distinct captions per Parquet shard; length sorting and memory are per shard"
+    )
+    duckdb_memory_limit: str = Field("1GB", description="the distinct-caption pass spills to disk beyond this")
+
+    @field_validator("encoder")
+    @classmethod
+    def _valid_encoder(cls, value: dict[str, Any]) -> dict[str, Any]:
+        TextEncoderConfig.from_dict(value)  # unknown keys or bad values fail here, naming the valid ones
+        return value
+
+    def text_encoder_config(self) -> TextEncoderConfig:
+        return TextEncoderConfig.from_dict(self.encoder)
+
+
+@dataclass
+class LoadedEmbeddings:
+    """One split's caption embeddings, padded to a common length L, row-aligned with `ids`."""
+
+    split: str
+    ids: list[str]
+    tokens: torch.Tensor  # (N, L, D) float16, zero past each caption's length
+    mask: torch.Tensor  # (N, L) bool, True = real token (start..end-of-text)
+    lengths: torch.Tensor  # (N,) long, real tokens per caption
+    pooled: torch.Tensor  # (N, E) float32, CLIP pooled text embedding
+    uncond_tokens: torch.Tensor  # (1, L, D) float16, the empty caption
+    uncond_mask: torch.Tensor  # (1, L) bool
+    uncond_pooled: torch.Tensor  # (1, E) float32
+    image_embeds: torch.Tensor | None = None  # (N, E) float32: val split of a set made with encode_val_images
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+# ---------------------------------------------------------------------------
+# Public API
+
+
+def embed_dataset(
+    dataset: DatasetVersion,
+    config: EmbedConfig,
+    data_root: Path | None = None,
+    progress: bool = True,
+) -> EmbeddingSet:
+    """Embed `dataset` with the configured encoder; return the published (or already published) set.
+
+    Raises EmbedError for an empty dataset, an encoder that cannot be built (e.g. no
+    weights and allow_random_init unset) or a stored set that does not match.
+    """
+    _check_dataset(dataset)
+    device = resolve_device(config.device)
+    encoder = build_encoder(config, device)
+    final = embeddings_dir(data_root) / dataset.version / encoder.identity_id
+    if not (final / MANIFEST_NAME).is_file():
+        _build_and_publish(dataset, config, encoder, final, progress)
+    manifest = read_manifest(final)
+    _check_published(manifest, dataset, encoder, final)
+    if config.encode_val_images and not manifest["val_images"]:
+        manifest = _add_val_images(final, manifest, dataset, config, encoder, progress)
+    return _descriptor(final, manifest)
+
+
+def load_embeddings(embedding_set: EmbeddingSet, split: str = "train", max_length: int | None = None) -> LoadedEmbeddings:
+    """One split's embeddings, token states padded back to `max_length` with a mask.
+
+    `max_length` None pads to the longest caption of the whole set (every split and the
+    empty caption; `embedding_set.num_tokens`), so train, val and uncond tensors share L
+    and training pads only as far as its data needs. An explicit value may be anything
+    from the split's longest caption up to the encoder's context length (e.g. the
+    context length, to match what `TextEncoder.encode` gives at inference). The UNet's
+    cross-attention masks padding out, so L changes cost, not results.
+    """
+    root = Path(embedding_set.path)
+    manifest = read_manifest(root)
+    if split not in SPLITS:
+        raise EmbedError(f"split must be one of {SPLITS}, got {split!r}")
+    width, pooled_dim = int(manifest["encoder"]["width"]), int(manifest["pooled_dim"])
+    context_length = int(manifest["encoder"]["context_length"])
+
+    ids: list[str] = []
+    caption_ids: list[str] = []
+    for name in manifest["files"][split]:
+        table = pq.read_table(root / name, columns=["id", "caption_id"])
+        ids += table.column("id").to_pylist()
+        caption_ids += table.column("caption_id").to_pylist()
+    if not ids:
+        raise EmbedError(f"embedding set {root} has no rows in its {split!r} split (counts: {manifest['counts']})")
+
+    # Gather only the captions this split uses (and the empty one) from the caption shards:
+    # their lengths first (two small columns), to check max_length before allocating.
+    uncond_id = manifest["uncond_caption_id"]
+    slot_of = {cid: i for i, cid in enumerate(dict.fromkeys([uncond_id, *caption_ids]))}  # uncond is slot 0
+    lengths_u = torch.zeros(len(slot_of), dtype=torch.long)  # (U,), 0 = not found
+    for name in manifest["files"]["captions"]:
+        table = pq.read_table(root / name, columns=["caption_id", "num_tokens"])
+        for cid, n_tok in zip(table.column("caption_id").to_pylist(), table.column("num_tokens").to_pylist()):
+            if (slot := slot_of.get(cid)) is not None:
+                lengths_u[slot] = n_tok
+    if not bool(lengths_u.all()):
+        raise EmbedError(
+            f"embedding set {root} is incomplete: {int((lengths_u == 0).sum())} captions of its {split!r} rows are "
+            "missing from captions/; delete the directory and run the embed stage again"
+        )
+    longest = int(manifest["max_num_tokens"])
+    length = longest if max_length is None else int(max_length)
+    if not 1 <= length <= context_length:
+        raise EmbedError(f"max_length must be in [1, {context_length}] (the encoder's context length), got {max_length}")
+    if int(lengths_u.max()) > length:
+        raise EmbedError(
+            f"max_length={max_length} is shorter than the longest {split!r} caption ({int(lengths_u.max())} tokens); "
+            f"pass max_length >= {int(lengths_u.max())}, or None to pad to the longest caption of the set ({longest})"
+        )
+
+    tokens_u = torch.zeros(len(slot_of), length, width, dtype=torch.float16)  # (U, L, D)
+    pooled_u = torch.zeros(len(slot_of), pooled_dim, dtype=torch.float32)  # (U, E)
+    for name in manifest["files"]["captions"]:
+        for batch in pq.ParquetFile(root / name).iter_batches(batch_size=_ROWS_PER_READ):
+            rows, slots = [], []
+            for r, cid in enumerate(batch.column("caption_id").to_pylist()):
+                if (slot := slot_of.get(cid)) is not None:
+                    rows.append(r)
+                    slots.append(slot)
+            if rows:
+                n_tok = batch.column("num_tokens").to_numpy().astype(np.int64)
+                _fill_tokens(tokens_u, batch.column("tokens"), n_tok, rows, slots, width)
+                pooled_u[slots] = torch.from_numpy(_fixed_rows(batch.column("pooled"), pooled_dim, EMBED_DTYPE)[rows])
+
+    index = torch.tensor([slot_of[c] for c in caption_ids], dtype=torch.long)  # (N,)
+    positions = torch.arange(length)
+    mask_u = positions[None, :] < lengths_u[:, None]  # (U, L)
+    image_embeds = None
+    if split == "val" and manifest["val_images"]:
+        image_embeds = _load_image_embeds(root, manifest, ids, pooled_dim)
+    return LoadedEmbeddings(
+        split=split,
+        ids=ids,
+        tokens=tokens_u[index],
+        mask=mask_u[index],
+        lengths=lengths_u[index],
+        pooled=pooled_u[index],
+        uncond_tokens=tokens_u[:1].clone(),
+        uncond_mask=mask_u[:1].clone(),
+        uncond_pooled=pooled_u[:1].clone(),
+        image_embeds=image_embeds,
+    )
+
+
+def embed_from_path(
+    dataset_root: str | Path,
+    config: EmbedConfig | dict[str, Any],
+    data_root: Path | None = None,
+    progress: bool = True,
+) -> EmbeddingSet:
+    """CLI entry: a published dataset version directory (or its manifest.json) -> its embedding set."""
+    from tasks.ingest import load_dataset_version  # here, not at the top: tasks.ingest needs Prefect
+
+    root = Path(dataset_root)
+    dataset = load_dataset_version(root.parent if root.name == MANIFEST_NAME else root)
+    return embed_dataset(dataset, EmbedConfig.model_validate(config), data_root, progress)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise EmbedError(f"embed.device {device!r} is not a torch device ('cpu', 'cuda', 'cuda:1', or null for auto)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EmbedError(f"embed.device is {device!r} but torch sees no CUDA device; set it to 'cpu' or null (auto)")
+    return dev
+
+
+def build_encoder(config: EmbedConfig, device: torch.device | str = "cpu") -> TextEncoder:
+    """The frozen text encoder of `config.encoder`; its construction errors say which option to set."""
+    try:
+        return TextEncoder(config.text_encoder_config(), device=device)
+    except (ValueError, FileNotFoundError) as exc:
+        raise EmbedError(f"cannot build the text encoder of embed.encoder={config.encoder}: {exc}") from exc
+
+
+def embeddings_dir(data_root: str | Path | None = None) -> Path:
+    return (Path(data_root) if data_root is not None else get_settings().data_root).absolute() / "embeddings"
+
+
+def caption_id(caption: str) -> str:
+    return hashlib.sha256(caption.encode("utf-8")).hexdigest()
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise EmbedError(f"{Path(root)} is not a published embedding set (no {MANIFEST_NAME}); run the embed stage")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != EMBED_FORMAT:
+        raise EmbedError(
+            f"{Path(root)} holds embedding format {manifest.get('format')}, this code reads format {EMBED_FORMAT}; "
+            "delete the directory and run the embed stage again"
+        )
+    return manifest
+
+
+# ---------------------------------------------------------------------------
+# Encoding: the batched, length-sorted core (what benchmarks/embed.py measures)
+
+
+def caption_schema(width: int, pooled_dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("caption_id", pa.string()),
+            ("caption", pa.string()),
+            ("num_tokens", pa.int16()),
+            ("tokens", pa.binary()),  # float16 (num_tokens, width), real tokens only
+            ("pooled", pa.binary(pooled_dim * EMBED_DTYPE.itemsize)),  # float32 (pooled_dim,)
+        ],
+        metadata={
+            "tokens": f"little-endian float16, C-order (num_tokens, {width})",
+            "pooled": f"little-endian float32, ({pooled_dim},)",
+        },
+    )
+
+
+def write_caption_shard(
+    encoder: TextEncoder,
+    captions: Sequence[str],
+    path: Path,
+    batch_size: int,
+    on_batch: Callable[[int], object] | None = None,
+) -> int:
+    """Encode distinct `captions` in batches of similar token length and write one shard.
+
+    Returns the longest token count. Batches go longest first, so a batch size too big
+    for the device fails on the first batch rather than the last.
+    """
+    text = encoder.tokenize(list(captions))  # (n, C), truncated as open_clip does
+    lengths = _token_lengths(encoder, text)  # (n,)
+    order = torch.argsort(lengths, descending=True, stable=True).tolist()
+    schema = caption_schema(encoder.width, encoder.pooled_dim)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(
+        path,
+        schema,
+        compression={"caption_id": "zstd", "caption": "zstd", "num_tokens": "zstd", "tokens": "none", "pooled": "none"},
+        use_dictionary=False,
+        write_statistics=["caption_id", "num_tokens"],
+    ) as writer:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = [captions[i] for i in rows]
+            encoding = _encode_batch(encoder, batch, text[rows, : int(lengths[rows[0]])])  # longest first
+            writer.write_batch(_caption_record_batch(batch, encoding, schema))
+            if on_batch is not None:
+                on_batch(len(batch))
+    _fsync_file(path)
+    return int(lengths.max())
+
+
+def _encode_batch(encoder: TextEncoder, captions: list[str], text: torch.Tensor) -> TextEncoding:
+    # The one place the stage calls the encoder (tests count and interrupt calls here).
+    # `text` is cut to the batch's longest caption: exact for the causal tower, and the
+    # length sort keeps that short; `captions` are the same rows, for the record.
+    with _autocast(encoder.device):
+        return encoder.encode_tokens(text)
+
+
+def _token_lengths(encoder: TextEncoder, text: torch.Tensor) -> torch.Tensor:
+    # Real length = up to and including the end-of-text token (as TextEncoder.encode counts);
+    # not `text != 0`, since 0 is also the id of "!".
+    return (text == encoder.tokenizer.eot_token_id).int().argmax(dim=1) + 1  # (n,)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    # bf16 on CUDA: the tower's matmuls at tensor-core speed; outputs are stored as float16 anyway.
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _caption_record_batch(captions: list[str], encoding: TextEncoding, schema: pa.Schema) -> pa.RecordBatch:
+    n = len(captions)
+    lengths = encoding.lengths.cpu().numpy().astype(np.int64)  # (B,)
+    real = encoding.tokens[encoding.mask].to(torch.float16)  # (sum(lengths), D), row by row
+    if not torch.isfinite(real).all():
+        raise EmbedError(
+            "the text encoder produced non-finite token states (float16 overflow or a broken weights file); "
+            "check embed.encoder.weights"
+        )
+    flat = np.ascontiguousarray(real.cpu().numpy(), dtype=TOKENS_DTYPE)  # (K, D)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths * flat.shape[1] * TOKENS_DTYPE.itemsize, out=offsets[1:])
+    pooled = np.ascontiguousarray(encoding.pooled.float().cpu().numpy(), dtype=EMBED_DTYPE)  # (B, E)
+    return pa.record_batch(
+        [
+            pa.array([caption_id(c) for c in captions], pa.string()),
+            pa.array(captions, pa.string()),
+            pa.array(lengths.astype(np.int16)),
+            pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(flat)]),
+            pa.FixedSizeBinaryArray.from_buffers(schema.field("pooled").type, n, [None, pa.py_buffer(pooled)]),
+        ],
+        schema=schema,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Building and publishing a set
+
+
+def _check_dataset(dataset: DatasetVersion) -> None:
+    rows = sum(int(dataset.counts.get(s, 0)) for s in SPLITS)
+    if rows <= 0:
+        raise EmbedError(
+            f"dataset {dataset.name}@{dataset.version} is empty (counts: {dataset.counts}): there are no captions to "
+            "embed; check the source and the ingest filters (rejects.parquet says why rows were dropped)"
+        )
+    if not Path(dataset.root).is_dir():
+        raise EmbedError(f"dataset {dataset.name}@{dataset.version}: root {dataset.root} does not exist; ingest it again")
+
+
+def _split_files(dataset: DatasetVersion, split: str) -> list[Path]:
+    return sorted((Path(dataset.root) / split).glob("*.parquet"))
+
+
+def _build_and_publish(
+    dataset: DatasetVersion, config: EmbedConfig, encoder: TextEncoder, final: Path, progress: bool
+) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL}{final.name}-{os.getpid()}@{_host()}-", dir=final.parent))
+    try:
+        files: dict[str, list[str]] = {}
+        counts: dict[str, int] = {}
+        for split in SPLITS:
+            files[split], counts[split] = _write_row_shards(dataset, split, tmp)
+        files["captions"], counts["captions"], longest = _write_caption_shards(dataset, config, encoder, tmp, progress)
+        files["val_images"], counts["val_images"] = [], 0
+        if config.encode_val_images:
+            files["val_images"], counts["val_images"] = _write_image_shards(dataset, config, encoder, tmp, progress)
+        manifest = {
+            "format": EMBED_FORMAT,
+            "dataset": {"name": dataset.name, "version": dataset.version, "root": dataset.root},
+            "encoder": encoder.identity,
+            "encoder_id": encoder.identity_id,
+            "encoder_config": encoder.config.to_dict(),
+            "weights_file": _weights_stat(encoder),
+            "pooled_dim": encoder.pooled_dim,
+            "max_num_tokens": longest,
+            "uncond_caption_id": caption_id(UNCOND_CAPTION),
+            "counts": counts,
+            "val_images": config.encode_val_images,
+            "files": files,
+            "storage": {
+                "tokens": "little-endian float16 bytes, C-order (num_tokens, width), start..end-of-text tokens only",
+                "pooled": "little-endian float32 bytes (pooled_dim,)",
+                "image_embed": "little-endian float32 bytes (pooled_dim,)",
+            },
+            "bytes": _data_bytes(tmp),
+            "compute": {
+                "device": str(encoder.device),
+                "autocast": "bfloat16" if encoder.device.type == "cuda" else None,
+                "batch_size": config.batch_size,
+            },
+            "software": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "open_clip": open_clip.__version__,
+                "pyarrow": pa.__version__,
+            },
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        _write_json_durable(tmp / MANIFEST_NAME, manifest)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if (final / MANIFEST_NAME).is_file():  # a concurrent run published the same set first
+                return
+            raise
+        _fsync_dir(final.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left after a successful rename
+
+
+def _write_row_shards(dataset: DatasetVersion, split: str, out: Path) -> tuple[list[str], int]:
+    """`<split>/<same part name>.parquet` with (id, caption_id) for each dataset part, in row order."""
+    names, total = [], 0
+    for src in _split_files(dataset, split):
+        name = f"{split}/{src.name}"
+        (out / split).mkdir(parents=True, exist_ok=True)
+        with pq.ParquetWriter(out / name, ROW_SCHEMA, compression="zstd") as writer:
+            for batch in pq.ParquetFile(src).iter_batches(batch_size=_ROWS_PER_READ, columns=["id", "caption"]):
+                ids, captions = batch.column("id"), batch.column("caption").to_pylist()
+                if ids.null_count or None in captions:
+                    raise EmbedError(f"{src} has rows without an id or a caption; re-ingest the dataset")
+                cids = pa.array([caption_id(c) for c in captions], pa.string())
+                writer.write_batch(pa.record_batch([ids.cast(pa.string()), cids], schema=ROW_SCHEMA))
+                total += batch.num_rows
+        _fsync_file(out / name)
+        names.append(name)
+    expected = int(dataset.counts.get(split, 0))
+    if total != expected:
+        raise EmbedError(
+            f"dataset {dataset.name}@{dataset.version} has {total} {split!r} rows in {dataset.root}, but its "
+            f"descriptor says {expected}; the directory changed after it was published: ingest it again"
+        )
+    return names, total
+
+
+def _write_caption_shards(
+    dataset: DatasetVersion, config: EmbedConfig, encoder: TextEncoder, out: Path, progress: bool
+) -> tuple[list[str], int, int]:
+    """Every distinct caption of train + val, and "", encoded once -> (files, count, longest)."""
+    sources = [str(p) for s in SPLITS for p in _split_files(dataset, s)]
+    spill = out / "_duckdb_spill"
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET memory_limit = '{config.duckdb_memory_limit}'")
+        con.execute(f"SET temp_directory = '{spill}'")
+        con.execute("SET preserve_insertion_order = false")
+        # DISTINCT and ORDER BY spill to disk, so the set of captions need not fit in memory;
+        # the order makes shard contents reproducible.
+        con.execute(
+            "CREATE TEMP TABLE captions AS SELECT DISTINCT caption FROM "
+            "(SELECT caption FROM read_parquet(?) UNION ALL SELECT ? AS caption)",
+            [sources, UNCOND_CAPTION],
+        )
+        [(n,)] = con.execute("SELECT count(*) FROM captions").fetchall()
+        reader = con.sql("SELECT caption FROM captions ORDER BY caption").to_arrow_reader(config.captions_per_shard)
+        names, longest = [], 0
+        with tqdm(total=n, unit="caption", desc=f"embed {dataset.name}", disable=not progress) as bar:
+            for k, chunk in enumerate(reader):
+                name = f"captions/part-{k:05d}.parquet"
+                n_tok = write_caption_shard(encoder, chunk.column(0).to_pylist(), out / name, config.batch_size, bar.update)
+                longest = max(longest, n_tok)
+                names.append(name)
+    finally:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+    return names, n, longest
+
+
+def _write_image_shards(
+    dataset: DatasetVersion, config: EmbedConfig, encoder: TextEncoder, out: Path, progress: bool, prefix: str = "val_images"
+) -> tuple[list[str], int]:
+    """`<prefix>/<val part name>.parquet` with (id, image_embed) from the CLIP image tower."""
+    schema = pa.schema([("id", pa.string()), ("image_embed", pa.binary(encoder.pooled_dim * EMBED_DTYPE.itemsize))])
+    names, total = [], 0
+    with tqdm(total=int(dataset.counts.get("val", 0)), unit="image", desc="embed val images", disable=not progress) as bar:
+        for src in _split_files(dataset, "val"):
+            name = f"{prefix}/{src.name}"
+            (out / prefix).mkdir(parents=True, exist_ok=True)
+            with pq.ParquetWriter(out / name, schema, compression="none") as writer:
+                for batch in pq.ParquetFile(src).iter_batches(batch_size=config.image_batch_size, columns=["id", "image"]):
+                    images = _decode_images(batch.column("image").to_pylist(), src)  # (B, 3, H, W) in [0, 1]
+                    with _autocast(encoder.device):
+                        embeds = encoder.encode_images(images)  # (B, E)
+                    data = np.ascontiguousarray(embeds.float().cpu().numpy(), dtype=EMBED_DTYPE)
+                    column = pa.FixedSizeBinaryArray.from_buffers(schema.field("image_embed").type, len(data), [None, pa.py_buffer(data)])
+                    writer.write_batch(pa.record_batch([batch.column("id").cast(pa.string()), column], schema=schema))
+                    total += batch.num_rows
+                    bar.update(batch.num_rows)
+            _fsync_file(out / name)
+            names.append(name)
+    return names, total
+
+
+def _decode_images(blobs: list[bytes], src: Path) -> torch.Tensor:
+    arrays = []
+    for blob in blobs:
+        with Image.open(io.BytesIO(blob)) as im:
+            arrays.append(np.asarray(im.convert("RGB"), dtype=np.uint8))  # (H, W, 3)
+    if len({a.shape for a in arrays}) > 1:
+        raise EmbedError(f"{src} holds images of different sizes; re-ingest the dataset (ingest resizes every image)")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
+
+
+def _add_val_images(
+    final: Path, manifest: dict[str, Any], dataset: DatasetVersion, config: EmbedConfig, encoder: TextEncoder, progress: bool
+) -> dict[str, Any]:
+    """A published set asked for image embeddings it lacks: add them, published the same way."""
+    _remove_stale_partials(final)
+    shutil.rmtree(final / "val_images", ignore_errors=True)  # left by a run killed before its manifest update
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL}val_images-{os.getpid()}@{_host()}-", dir=final))
+    try:
+        files, count = _write_image_shards(dataset, config, encoder, tmp, progress)
+        if files:
+            os.rename(tmp / "val_images", final / "val_images")
+        manifest = {
+            **manifest,
+            "val_images": True,
+            "files": {**manifest["files"], "val_images": files},
+            "counts": {**manifest["counts"], "val_images": count},
+        }
+        manifest["bytes"] = _data_bytes(final)
+        _write_json_durable(final / MANIFEST_NAME, manifest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _check_published(manifest: dict[str, Any], dataset: DatasetVersion, encoder: TextEncoder, final: Path) -> None:
+    if manifest["dataset"]["version"] != dataset.version or manifest["encoder"] != encoder.identity:
+        raise EmbedError(
+            f"{final} holds embeddings of dataset {manifest['dataset']['version']} by encoder {manifest['encoder']}, "
+            f"not of {dataset.version} by {encoder.identity}; the directory was altered: delete it and run again"
+        )
+
+
+def _descriptor(final: Path, manifest: dict[str, Any]) -> EmbeddingSet:
+    identity = manifest["encoder"]
+    return EmbeddingSet(
+        path=str(final),
+        dataset_version=manifest["dataset"]["version"],
+        encoder_id=manifest["encoder_id"],
+        # "config" rebuilds the encoder (weights path, random-init seed); the rest is its identity.
+        encoder={**identity, "config": manifest["encoder_config"]},
+        num_tokens=int(manifest["max_num_tokens"]),
+        width=int(identity["width"]),
+        counts=dict(manifest["counts"]),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Reading stored columns
+
+
+def _fill_tokens(
+    out: torch.Tensor, column: pa.BinaryArray, n_tok: np.ndarray, rows: list[int], slots: list[int], width: int
+) -> None:
+    """out[slot, :n_tok[row]] = tokens of row, for each (row, slot); out is (U, L, D) float16."""
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset : column.offset + len(column) + 1]
+    data = np.frombuffer(column.buffers()[2], dtype=TOKENS_DTYPE)
+    nbytes = offsets[np.array(rows) + 1] - offsets[rows]
+    if np.any(nbytes != n_tok[rows] * width * TOKENS_DTYPE.itemsize):
+        raise EmbedError("stored token states do not match their num_tokens; the set is corrupt: delete it and run again")
+    starts = offsets[rows] // TOKENS_DTYPE.itemsize  # in float16 elements
+    counts = n_tok[rows]
+    # One gather for the whole batch: token k of the selection -> (slot, position, source element).
+    token_slot = np.repeat(np.asarray(slots), counts)  # (K,)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    position = np.arange(int(counts.sum())) - first  # (K,)
+    source = np.repeat(starts, counts) + position * width  # (K,) element offset of each token
+    values = data[source[:, None] + np.arange(width)[None, :]]  # (K, D)
+    out[torch.from_numpy(token_slot), torch.from_numpy(position)] = torch.from_numpy(values)
+
+
+def _fixed_rows(column: pa.FixedSizeBinaryArray, size: int, dtype: np.dtype) -> np.ndarray:
+    data = np.frombuffer(column.buffers()[1], dtype=dtype)
+    return data.reshape(-1, size)[column.offset : column.offset + len(column)]  # (n, size)
+
+
+def _load_image_embeds(root: Path, manifest: dict[str, Any], ids: list[str], dim: int) -> torch.Tensor:
+    by_id: dict[str, np.ndarray] = {}
+    for name in manifest["files"]["val_images"]:
+        table = pq.read_table(root / name)
+        for chunk_ids, chunk in zip(table.column("id").chunks, table.column("image_embed").chunks):
+            by_id.update(zip(chunk_ids.to_pylist(), _fixed_rows(chunk, dim, EMBED_DTYPE)))
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise EmbedError(f"embedding set {root} lacks image embeddings of {len(missing)} val rows; delete it and run again")
+    return torch.from_numpy(np.stack([by_id[i] for i in ids]))  # (N, E)
+
+
+# ---------------------------------------------------------------------------
+# Files, publication, temporaries
+
+
+def _weights_stat(encoder: TextEncoder) -> dict[str, Any] | None:
+    """Path, size and mtime of a local weights file: lets the Prefect cache key find this set cheaply."""
+    weights = encoder.config.weights
+    if weights is None or not str(encoder.identity["weights"]).startswith("sha256:"):
+        return None
+    path = Path(weights).expanduser().absolute()
+    st = path.stat()
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _data_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*.parquet"))
+
+
+def _write_json_durable(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename lives in the directory entry; flush it too (POSIX only).
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
+def _remove_stale_partials(parent: Path) -> None:
+    """Delete `.partial-*` directories of runs on this host whose process is gone (killed runs)."""
+    for path in parent.glob(f"{_PARTIAL}*"):
+        match = re.match(rf"^{re.escape(_PARTIAL)}.+-(\d+)@([A-Za-z0-9_]+)-[^-@]+$", path.name)
+        if not match or match.group(2) != _host() or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
+# ---------------------------------------------------------------------------
+# Prefect task
+
+
+def find_published(dataset_version: str, encoder_config: TextEncoderConfig, data_root: str | Path | None = None) -> Path | None:
+    """The published set of this dataset version made with this encoder config, found without
+    building the encoder (a local weights file is matched by path, size and mtime)."""
+    wanted = encoder_config.to_dict()
+    for manifest_path in sorted((embeddings_dir(data_root) / dataset_version).glob(f"*/{MANIFEST_NAME}")):
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if manifest.get("format") != EMBED_FORMAT or manifest.get("encoder_config") != wanted:
+            continue
+        stat = manifest.get("weights_file")
+        if stat is not None:
+            path = Path(stat["path"])
+            if not path.is_file() or (path.stat().st_size, path.stat().st_mtime_ns) != (stat["size"], stat["mtime_ns"]):
+                continue
+        return manifest_path.parent
+    return None
+
+
+def _embed_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
+    """Key on the published set (dataset version + encoder identity); None, so no caching, until it exists.
+
+    Keying only published sets means a set deleted from disk is never "restored" from
+    Prefect's cache as a descriptor of missing files.
+    """
+    dataset = DatasetVersion.model_validate(parameters["dataset"])
+    config = EmbedConfig.model_validate(parameters["config"])
+    final = find_published(dataset.version, config.text_encoder_config(), parameters.get("data_root"))
+    if final is None or (config.encode_val_images and not read_manifest(final)["val_images"]):
+        return None
+    return "embed-" + hashlib.sha256(str(final).encode()).hexdigest()[:32]
+
+
+def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O and device hiccups; an EmbedError (bad dataset or config) fails the same way every time."""
+    try:
+        state.result()
+    except EmbedError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(
+    name="embed",
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_condition_fn=_retry_unless_bad_input,
+    cache_key_fn=_embed_cache_key,
+    persist_result=True,
+)
+def embed_task(dataset: DatasetVersion, config: EmbedConfig, data_root: str | None = None) -> EmbeddingSet:
+    """Prefect wrapper of `embed_dataset` (no progress bar: Prefect logs are not a terminal)."""
+    return embed_dataset(dataset, config, Path(data_root) if data_root else None, progress=False)

@@ -1,0 +1,397 @@
+"""Embed stage: round trip, deduplication, publication, offline weights, truncation, errors.
+
+Everything runs a tiny open_clip architecture (conftest's `tiny_clip`) on the CPU; the
+oracle for stored embeddings is a fresh `TextEncoder.encode` (or open_clip's own
+`encode_text`) of the same captions, never an earlier output of the stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import tasks.embed as embed_module
+from models.checkpoint import save_weights
+from models.text_encoder import TextEncoder, TextEncoderConfig
+from tasks.contracts import DatasetVersion
+from tasks.embed import (
+    EmbedConfig,
+    EmbedError,
+    embed_dataset,
+    embed_from_path,
+    embed_task,
+    find_published,
+    load_embeddings,
+    read_manifest,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = [
+    "a red circle in the top left",
+    "two blue squares!",  # "!" is token id 0, the padding id: lengths must not count non-zero ids
+    "a red circle in the top left",
+    "!!!",
+    "a small green star",
+    "two blue squares!",
+    "x",
+    "a yellow triangle on a black background, bottom right",
+]
+VAL = ["a red circle in the top left", "a purple star"]
+
+
+def _png(i: int, size: int = 8) -> bytes:
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)
+    pixels[..., 0], pixels[..., 1], pixels[..., 2] = i % 256, i // 256, (37 * i) % 256
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_dataset(root: Path, splits: dict[str, list[str]], version: str = "v1", parts: int = 1) -> DatasetVersion:
+    """A dataset version laid out as ingest publishes it: <split>/part-*.parquet + manifest.json."""
+    counts, n = {}, 0
+    for split, captions in splits.items():
+        images = [_png(n + i) for i in range(len(captions))]
+        n += len(captions)
+        table = pa.table(
+            {
+                "id": [hashlib.sha256(b).hexdigest() for b in images],
+                "caption": captions,
+                "image": images,
+                "width": [8] * len(captions),
+                "height": [8] * len(captions),
+                "source": [f"mem://{split}/{i}" for i in range(len(captions))],
+            }
+        )
+        (root / split).mkdir(parents=True, exist_ok=True)
+        step = -(-len(captions) // parts) if captions else 1
+        for k, start in enumerate(range(0, len(captions), step)):
+            pq.write_table(table.slice(start, step), root / split / f"part-{k:05d}.parquet")
+        counts[split] = len(captions)
+    (root / "manifest.json").write_text(json.dumps({"name": "toy", "version": version, "counts": counts}))
+    return DatasetVersion(
+        name="toy",
+        version=version,
+        root=str(root),
+        counts={"train": counts.get("train", 0), "val": counts.get("val", 0), "rejects": 0},
+        resolution=8,
+        manifest=str(root / "manifest.json"),
+    )
+
+
+def dataset_rows(dataset: DatasetVersion, split: str) -> tuple[list[str], list[str]]:
+    table = pa.concat_tables(pq.read_table(p) for p in sorted((Path(dataset.root) / split).glob("*.parquet")))
+    return table.column("id").to_pylist(), table.column("caption").to_pylist()
+
+
+@pytest.fixture
+def toy(tmp_path: Path) -> DatasetVersion:
+    return write_dataset(tmp_path / "dataset", {"train": TRAIN, "val": VAL}, parts=2)
+
+
+@pytest.fixture
+def config(tiny_clip: str) -> EmbedConfig:
+    return EmbedConfig(encoder={"model_name": tiny_clip, "allow_random_init": True}, batch_size=2, captions_per_shard=3)
+
+
+@pytest.fixture
+def encoded(monkeypatch) -> list[str]:
+    """Every caption the stage sends to the encoder, in order."""
+    seen: list[str] = []
+    original = embed_module._encode_batch
+
+    def counting(encoder, captions, *args):
+        seen.extend(captions)
+        return original(encoder, captions, *args)
+
+    monkeypatch.setattr(embed_module, "_encode_batch", counting)
+    return seen
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns) for p in [root, *sorted(root.rglob("*"))]}
+
+
+def assert_fp16_close(stored: torch.Tensor, fresh: torch.Tensor) -> None:
+    # Stored values are float16; the fresh ones came from another batch composition, which
+    # may move the float32 result by an ulp and so flip the float16 rounding.
+    torch.testing.assert_close(stored.float(), fresh.float(), rtol=2e-3, atol=2e-3)
+
+
+# --- round trip ------------------------------------------------------------------------------------
+
+
+def test_round_trip_padding_mask_and_one_encode_per_distinct_caption(toy, config, encoded):
+    es = embed_dataset(toy, config, progress=False)
+
+    assert Counter(encoded) == Counter(set(TRAIN) | set(VAL) | {""})  # each distinct caption once, "" included
+    assert es.dataset_version == toy.version and es.width == 32
+    assert es.counts == {"train": 8, "val": 2, "captions": 8, "val_images": 0}
+    assert es.encoder["weights"] == "random-init-0" and es.encoder["config"]["allow_random_init"] is True
+
+    encoder = TextEncoder(config.text_encoder_config())
+    for split, captions in (("train", TRAIN), ("val", VAL)):
+        loaded = load_embeddings(es, split)
+        ids, dataset_captions = dataset_rows(toy, split)
+        assert loaded.ids == ids and dataset_captions == captions  # dataset row order
+        fresh = encoder.encode(captions)
+        L = es.num_tokens
+        assert L == max(int(encoder.encode([c]).lengths) for c in TRAIN + VAL)  # longest of the set
+        assert loaded.tokens.shape == (len(captions), L, 32) and loaded.tokens.dtype == torch.float16
+        assert torch.equal(loaded.lengths, fresh.lengths)
+        assert torch.equal(loaded.mask, fresh.mask[:, :L])
+        assert_fp16_close(loaded.tokens[loaded.mask], fresh.tokens[fresh.mask])
+        assert not loaded.tokens[~loaded.mask].any()  # padding is zeros
+        torch.testing.assert_close(loaded.pooled, fresh.pooled, rtol=1e-5, atol=1e-5)
+
+        uncond = encoder.encode([""])
+        assert loaded.uncond_tokens.shape == (1, L, 32) and loaded.uncond_mask.sum() == 2  # start + end token
+        assert_fp16_close(loaded.uncond_tokens[loaded.uncond_mask], uncond.tokens[uncond.mask])
+
+    train = load_embeddings(es, "train")
+    assert torch.equal(train.tokens[0], train.tokens[2])  # duplicate captions share one stored embedding
+
+
+def test_streamed_shards_are_length_sorted_and_padding_length_is_the_callers(toy, config):
+    es = embed_dataset(toy, config, progress=False)
+    manifest = read_manifest(es.path)
+    assert len(manifest["files"]["captions"]) == 3  # 8 distinct captions, 3 per shard
+    for name in manifest["files"]["captions"]:
+        n_tok = pq.read_table(Path(es.path) / name).column("num_tokens").to_pylist()
+        assert n_tok == sorted(n_tok, reverse=True)  # longest first within a shard
+
+    default = load_embeddings(es, "train")
+    full = load_embeddings(es, "train", max_length=77)
+    assert full.tokens.shape[1] == 77 and full.uncond_tokens.shape[1] == 77
+    assert torch.equal(full.tokens[:, : es.num_tokens], default.tokens) and not full.tokens[:, es.num_tokens :].any()
+    assert torch.equal(full.mask.sum(1), default.lengths)
+
+    longest_val = int(load_embeddings(es, "val").lengths.max())
+    assert load_embeddings(es, "val", max_length=longest_val).tokens.shape[1] == longest_val
+    with pytest.raises(EmbedError, match="shorter than the longest 'val' caption"):
+        load_embeddings(es, "val", max_length=longest_val - 1)
+    with pytest.raises(EmbedError, match=r"max_length must be in \[1, 77\]"):
+        load_embeddings(es, "train", max_length=78)
+    with pytest.raises(EmbedError, match="split must be one of"):
+        load_embeddings(es, "test")
+
+
+def test_caption_longer_than_the_context_is_truncated_as_open_clip_does(tmp_path, config, tiny_clip):
+    long = " ".join(f"shape{i} colour{i}" for i in range(100))
+    dataset = write_dataset(tmp_path / "long", {"train": [long, "short"], "val": []})
+    es = embed_dataset(dataset, config, progress=False)
+    loaded = load_embeddings(es, "train")
+    assert es.num_tokens == 77 and loaded.lengths.tolist()[0] == 77
+
+    # Oracle: open_clip's own tokenizer and encode_text on the same weights.
+    encoder = TextEncoder(config.text_encoder_config())
+    ids = open_clip.get_tokenizer(tiny_clip)([long])  # (1, 77): cut, end-of-text token kept last
+    assert ids[0, -1] == encoder.tokenizer.eot_token_id
+    with torch.no_grad():
+        pooled = encoder.clip.encode_text(ids)  # (1, E)
+    torch.testing.assert_close(loaded.pooled[:1], pooled, rtol=1e-5, atol=1e-5)
+    fresh = encoder.encode([long])
+    assert_fp16_close(loaded.tokens[0], fresh.tokens[0])
+
+
+def test_weights_file_loaded_by_path_gives_the_in_memory_models_embeddings(toy, tmp_path, tiny_clip):
+    in_memory = TextEncoder(TextEncoderConfig(tiny_clip, allow_random_init=True, random_init_seed=3))
+    weights = save_weights(in_memory.clip.state_dict(), tmp_path / "tiny-clip.safetensors")
+    config = EmbedConfig(encoder={"model_name": tiny_clip, "weights": str(weights)})
+
+    es = embed_dataset(toy, config, progress=False)
+    assert es.encoder["weights"].startswith("sha256:") and "random-init" not in es.encoder_id
+    assert es.encoder["config"]["weights"] == str(weights)
+    loaded = load_embeddings(es, "train")
+    fresh = in_memory.encode(TRAIN)
+    assert_fp16_close(loaded.tokens[loaded.mask], fresh.tokens[fresh.mask])
+    torch.testing.assert_close(loaded.pooled, fresh.pooled, rtol=1e-5, atol=1e-5)
+
+    # The Prefect cache finds the set without building the encoder, until the weights file changes.
+    assert find_published(toy.version, config.text_encoder_config()) == Path(es.path)
+    os.utime(weights, ns=(0, 0))
+    assert find_published(toy.version, config.text_encoder_config()) is None
+
+
+# --- idempotence and atomic publication ----------------------------------------------------------
+
+
+def test_rerun_returns_the_published_set_untouched(toy, config, encoded):
+    es = embed_dataset(toy, config, progress=False)
+    before = snapshot(Path(es.path))
+    encoded.clear()
+    assert embed_dataset(toy, config, progress=False) == es
+    assert encoded == []  # nothing encoded
+    assert snapshot(Path(es.path)) == before  # same inodes and mtimes: nothing rewritten
+    assert sorted(p.name for p in Path(es.path).parent.iterdir()) == [Path(es.path).name]
+
+
+def test_failed_run_publishes_nothing(toy, config, monkeypatch):
+    original, calls = embed_module._encode_batch, []
+
+    def fail_second_batch(encoder, captions, *args):
+        calls.append(captions)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return original(encoder, captions, *args)
+
+    monkeypatch.setattr(embed_module, "_encode_batch", fail_second_batch)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        embed_dataset(toy, config, progress=False)
+    assert list((Path(os.environ["T2I_DATA_ROOT"]) / "embeddings" / toy.version).iterdir()) == []
+
+
+def test_killed_run_leaves_no_published_set(toy, config, tiny_clip, tmp_path):
+    data_root = tmp_path / "killed"
+    cfg_file = tmp_path / f"{tiny_clip}.json"
+    cfg_file.write_text(json.dumps(open_clip.get_model_config(tiny_clip)))
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from pathlib import Path
+        import open_clip
+        open_clip.add_model_config(Path({str(cfg_file)!r}))
+        from tasks import embed
+
+        original, calls = embed._encode_batch, []
+
+        def encode_then_die(encoder, captions, *args):  # one batch written, the next one in flight
+            calls.append(captions)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(encoder, captions, *args)
+
+        embed._encode_batch = encode_then_die
+        embed.embed_dataset(
+            embed.DatasetVersion.model_validate_json({toy.model_dump_json()!r}),
+            embed.EmbedConfig.model_validate_json({config.model_dump_json()!r}),
+            data_root=Path({str(data_root)!r}),
+            progress=False,
+        )
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    parent = data_root / "embeddings" / toy.version
+    (leftover,) = parent.iterdir()
+    assert leftover.name.startswith(".partial-") and not (leftover / "manifest.json").exists()
+    assert (leftover / "captions" / "part-00000.parquet").exists()  # it died mid-encode
+
+    es = embed_dataset(toy, config, data_root=data_root, progress=False)
+    assert [p.name for p in parent.iterdir()] == [Path(es.path).name]  # published; the dead run's partial is gone
+    assert len(load_embeddings(es, "train")) == len(TRAIN)
+
+
+def test_val_image_embeddings_can_be_added_to_a_published_set(toy, config):
+    es = embed_dataset(toy, config, progress=False)
+    assert load_embeddings(es, "val").image_embeds is None
+    captions_before = snapshot(Path(es.path) / "captions")
+
+    with_images = embed_dataset(toy, config.model_copy(update={"encode_val_images": True}), progress=False)
+    assert with_images.path == es.path and with_images.counts["val_images"] == 2
+    assert snapshot(Path(es.path) / "captions") == captions_before  # text embeddings untouched
+    val = load_embeddings(with_images, "val")
+
+    encoder = TextEncoder(config.text_encoder_config())
+    table = pa.concat_tables(pq.read_table(p) for p in sorted((Path(toy.root) / "val").glob("*.parquet")))
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in table.column("image").to_pylist()])
+    expected = encoder.encode_images(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255)
+    assert val.ids == table.column("id").to_pylist()
+    torch.testing.assert_close(val.image_embeds, expected, rtol=1e-5, atol=1e-5)
+
+    before = snapshot(Path(es.path))
+    assert embed_dataset(toy, config.model_copy(update={"encode_val_images": True}), progress=False) == with_images
+    assert snapshot(Path(es.path)) == before
+
+
+def test_shapes_dataset_ingested_and_embedded_end_to_end(tmp_path, config):
+    from tasks.ingest import IngestConfig, ingest_dataset
+    from tasks.shapes import ShapesConfig, generate_shapes
+
+    source = generate_shapes(tmp_path / "shapes", ShapesConfig(n_images=40, seed=2))
+    dataset = ingest_dataset(source, "shapes", IngestConfig(resolution=16, workers=1), progress=False)
+    es = embed_dataset(dataset, config.model_copy(update={"encode_val_images": True}), progress=False)
+    for split in ("train", "val"):
+        ids, captions = dataset_rows(dataset, split)
+        loaded = load_embeddings(es, split)
+        assert loaded.ids == ids and len(ids) == dataset.counts[split] > 0
+    _, train_captions = dataset_rows(dataset, "train")
+    _, val_captions = dataset_rows(dataset, "val")
+    assert es.counts["captions"] == len(set(train_captions) | set(val_captions) | {""})
+    assert load_embeddings(es, "val").image_embeds.shape == (dataset.counts["val"], 32)
+    assert embed_from_path(Path(dataset.root) / "manifest.json", config.model_dump(), progress=False) == es  # the CLI's way in
+
+
+# --- errors that teach ---------------------------------------------------------------------------
+
+
+def test_empty_dataset_is_refused(tmp_path, config):
+    empty = write_dataset(tmp_path / "empty", {"train": [], "val": []})
+    with pytest.raises(EmbedError, match=r"is empty.*no captions to embed"):
+        embed_dataset(empty, config, progress=False)
+
+
+def test_missing_weights_name_the_option_to_set(toy, tiny_clip):
+    with pytest.raises(EmbedError, match=r"embed.encoder=.*Set `weights`.*allow_random_init=True"):
+        embed_dataset(toy, EmbedConfig(encoder={"model_name": tiny_clip}), progress=False)
+    with pytest.raises(EmbedError, match="weights file not found"):
+        embed_dataset(toy, EmbedConfig(encoder={"model_name": tiny_clip, "weights": "/nowhere/w.safetensors"}), progress=False)
+
+
+def test_config_and_device_errors(toy, config):
+    with pytest.raises(ValueError, match="unknown TextEncoderConfig keys"):
+        EmbedConfig(encoder={"wieghts": "x"})
+    with pytest.raises(ValueError, match="extra"):
+        EmbedConfig(batch_sise=4)
+    if not torch.cuda.is_available():
+        with pytest.raises(EmbedError, match="no CUDA device"):
+            embed_dataset(toy, config.model_copy(update={"device": "cuda"}), progress=False)
+
+
+def test_stored_set_of_another_format_is_refused(toy, config):
+    es = embed_dataset(toy, config, progress=False)
+    manifest_path = Path(es.path) / "manifest.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "format": 0}))
+    with pytest.raises(EmbedError, match="format 0"):
+        load_embeddings(es, "train")
+
+
+# --- the Prefect task wrapper ----------------------------------------------------------------------
+
+
+def test_task_wrapper_retries_and_cache_key(toy, config, tmp_path):
+    from prefect.states import Failed
+
+    assert embed_task.retries == 2
+    assert embed_task.retry_condition_fn(None, None, Failed(data=OSError("flaky disk"))) is True
+    assert embed_task.retry_condition_fn(None, None, Failed(data=EmbedError("empty dataset"))) is False
+
+    key_fn = embed_task.cache_policy.cache_key_fn
+    params = {"dataset": toy, "config": config, "data_root": str(tmp_path / "c")}
+    assert key_fn(None, params) is None  # nothing published: run, do not cache
+    es = embed_task.fn(**params)
+    key = key_fn(None, params)
+    assert key and key == key_fn(None, {**params, "config": config.model_dump(), "dataset": toy.model_dump()})
+    assert key == key_fn(None, {**params, "config": config.model_copy(update={"batch_size": 7})})  # speed knob
+    assert key_fn(None, {**params, "config": config.model_copy(update={"encoder": {**config.encoder, "layer": "last"}})}) is None
+    assert key_fn(None, {**params, "config": config.model_copy(update={"encode_val_images": True})}) is None
+    import shutil
+
+    shutil.rmtree(es.path)
+    assert key_fn(None, params) is None  # deleted sets are not restored from the cache
