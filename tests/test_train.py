@@ -1,0 +1,375 @@
+"""The training stage end to end on toy data: learning, publishing, resume after SIGKILL / SIGTERM /
+a crash while checkpointing, bad input, MLflow tracking, and DDP on CPU (gloo).
+
+Toy size: 8 px shapes, a 2-level UNet of width 16/32, a 32-wide random text encoder. Processes
+that get killed are real subprocesses running `tasks.train`'s command line.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import load_state, load_weights
+from models.pipeline import TextToImage
+from tasks.contracts import DatasetVersion, EmbeddingSet
+from tasks.data import TrainDataError
+from tasks.train import (
+    CHECKPOINTS_DIR,
+    INTERRUPTED_EXIT_CODE,
+    METRICS_FILE,
+    NonFiniteLossError,
+    TrainConfig,
+    TrainingError,
+    _latest_checkpoint,
+    resolve_unet_config,
+    run_key,
+    train_model,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+N = 6  # checkpoint interval of the resume tests; they train 2N steps
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, tiny_clip) -> tuple[DatasetVersion, EmbeddingSet]:
+    """~45 training images of shapes at 8 px and their embeddings from the tiny random encoder."""
+    from tasks.embed import EmbedConfig, embed_dataset
+    from tasks.ingest import IngestConfig, ingest_dataset
+    from tasks.shapes import ShapesConfig, generate_shapes
+
+    root = tmp_path_factory.mktemp("toy")
+    source = generate_shapes(root / "raw", ShapesConfig(n_images=48, resolution=8, seed=0))
+    dataset = ingest_dataset(
+        source, "shapes", IngestConfig(resolution=8, workers=1, val_fraction=0.1), data_root=root / "data", progress=False
+    )
+    embeddings = embed_dataset(
+        dataset, EmbedConfig(encoder={"model_name": tiny_clip, "allow_random_init": True}), data_root=root / "data",
+        progress=False,
+    )
+    return dataset, embeddings
+
+
+def tiny(**overrides) -> TrainConfig:
+    base = dict(
+        unet=dict(channels=[16, 32], attention_levels=[False, True], layers_per_block=1, head_dim=8, norm_groups=8),
+        steps=2 * N, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9, device="cpu",
+        log_every=1, checkpoint_every=N, keep_last=2, sample_captions=2, sample_steps=2,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One CPU thread, here and in the subprocesses: runs compared bit for bit need the same
+    thread count, and a toy UNet only loses time to thread synchronisation."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss; a step logged twice (by a killed run and by its resume) keeps the last value."""
+    out = {}
+    for line in (run_dir / METRICS_FILE).read_text().splitlines():
+        row = json.loads(line)
+        out[row["step"]] = row["loss"]
+    return out
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    wa, wb = load_weights(a), load_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
+
+
+# ---- a run that learns and publishes --------------------------------------------------------
+
+
+def test_tiny_run_learns_publishes_and_is_idempotent(toy, tmp_path):
+    dataset, embeddings = toy
+    cfg = tiny(steps=60, batch_size=16, lr=3e-3, warmup_steps=5, checkpoint_every=30, sample_every=30)
+    result = train_model(dataset, embeddings, cfg, mlflow_experiment=None, progress=False)
+
+    run_dir = Path(result.run_dir)
+    key = run_key(dataset, embeddings, cfg, resolve_unet_config(cfg, embeddings))
+    assert run_dir.name == key and run_dir.parent.name == "runs"  # <data_root>/runs/<run key>
+    assert result.step == 60 and result.mlflow_run_id is None
+    loss = losses(run_dir)
+    first, last = sum(loss[s] for s in range(1, 11)) / 10, sum(loss[s] for s in range(51, 61)) / 10
+    assert last < 0.7 * first, (first, last)
+    assert [p.name for p in (run_dir / CHECKPOINTS_DIR).iterdir()] == ["step-00000030", "step-00000060"]
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step-00000030.png", "step-00000060.png"]
+
+    # the published model: EMA weights, loadable without the project, rebuilds the encoder
+    pipe = TextToImage.load(result.checkpoint)
+    ema = load_weights(run_dir / CHECKPOINTS_DIR / "step-00000060" / "ema.safetensors")
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, ema[k])
+    assert pipe.extra["step"] == 60 and pipe.resolution == 8
+    images = pipe(["a red circle"], seed=0, steps=2)
+    assert images[0].size == (8, 8)
+
+    # same inputs again: the finished run comes back at once, nothing is retrained
+    lines = (run_dir / METRICS_FILE).read_text()
+    assert train_model(dataset, embeddings, cfg, mlflow_experiment=None, progress=False) == result
+    assert (run_dir / METRICS_FILE).read_text() == lines
+
+
+# ---- resume ---------------------------------------------------------------------------------
+
+HELPER = """
+import os, sys, time
+import torch
+torch.set_num_threads(1)
+import open_clip
+open_clip.add_model_config(os.environ["T2I_TEST_CLIP_DIR"])  # the tiny test encoder, for the final save
+import tasks.train as train
+
+slow_after = int(os.environ.get("SLOW_AFTER", "0"))
+if slow_after:  # leave the test time to kill us mid-run, after the checkpoint of step `slow_after`
+    step_fn = train._Trainer._train_step
+    def slow_step(self, step, micro):
+        if step >= slow_after:
+            time.sleep(0.3)
+        return step_fn(self, step, micro)
+    train._Trainer._train_step = slow_step
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def start_cli(tmp_path: Path, dataset, embeddings, cfg: TrainConfig, run_dir: Path, **env) -> subprocess.Popen:
+    (tmp_path / "ds.json").write_text(dataset.model_dump_json())
+    (tmp_path / "emb.json").write_text(embeddings.model_dump_json())
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    (tmp_path / "helper.py").write_text(textwrap.dedent(HELPER))
+    import open_clip.factory
+
+    clip_dirs = [p for p in open_clip.factory._MODEL_CONFIG_PATHS if (Path(p) / "t2i-test-tiny-clip.json").is_file()]
+    cmd = [sys.executable, str(tmp_path / "helper.py"), "--dataset", str(tmp_path / "ds.json"),
+           "--embeddings", str(tmp_path / "emb.json"), "--config", str(tmp_path / "cfg.json"),
+           "--run-dir", str(run_dir), "--no-mlflow", "--no-progress"]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "T2I_TEST_CLIP_DIR": str(clip_dirs[0]), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / METRICS_FILE).is_file() and max(losses(run_dir), default=0) >= step:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early ({proc.returncode}):\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no step {step} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_equals_uninterrupted_run(toy, tmp_path):
+    dataset, embeddings = toy
+    cfg = tiny()
+    reference = Path(train_model(dataset, embeddings, cfg, run_dir=tmp_path / "reference", mlflow_experiment=None,
+                                 progress=False).run_dir)
+
+    run_dir = tmp_path / "killed"
+    proc = start_cli(tmp_path, dataset, embeddings, cfg, run_dir, SLOW_AFTER=str(N))
+    wait_for_step(run_dir, proc, N + 2)  # past the checkpoint of step N, inside step N + 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert _latest_checkpoint(run_dir / CHECKPOINTS_DIR).name == f"step-{N:08d}"
+    assert not (run_dir / "model").exists()
+
+    proc = start_cli(tmp_path, dataset, embeddings, cfg, run_dir)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resuming run" in out and f"(step {N})" in out
+
+    # per-step losses after the resume (and those the killed run logged past its checkpoint)
+    ref_losses, got = losses(reference), losses(run_dir)
+    assert sorted(got) == list(range(1, 2 * N + 1))
+    for step in range(N + 1, 2 * N + 1):
+        assert got[step] == pytest.approx(ref_losses[step], abs=1e-6), step
+    final = f"{CHECKPOINTS_DIR}/step-{2 * N:08d}"
+    assert_same_weights(reference / final / "unet.safetensors", run_dir / final / "unet.safetensors", atol=1e-6)
+    assert_same_weights(reference / final / "ema.safetensors", run_dir / final / "ema.safetensors", atol=1e-6)
+    assert_same_weights(reference / "model" / "unet.safetensors", run_dir / "model" / "unet.safetensors", atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_checkpoints_and_exits_nonzero(toy, tmp_path):
+    dataset, embeddings = toy
+    cfg = tiny(steps=1000, checkpoint_every=500)
+    run_dir = tmp_path / "run"
+    proc = start_cli(tmp_path, dataset, embeddings, cfg, run_dir, SLOW_AFTER="1")
+    wait_for_step(run_dir, proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == INTERRUPTED_EXIT_CODE, out
+    assert "SIGTERM" in out and "run the same training again to resume" in out
+    last_logged = max(losses(run_dir))
+    checkpoint = _latest_checkpoint(run_dir / CHECKPOINTS_DIR)
+    assert checkpoint.name == f"step-{last_logged:08d}"  # the step it was in, not a scheduled one
+    assert 3 <= last_logged < 500
+    assert load_state(checkpoint / "state.pt")["step"] == last_logged
+
+
+def test_crash_while_checkpointing_keeps_previous_and_resume_is_exact(toy, tmp_path, monkeypatch):
+    dataset, embeddings = toy
+    cfg = tiny()
+    reference = Path(train_model(dataset, embeddings, cfg, run_dir=tmp_path / "reference", mlflow_experiment=None,
+                                 progress=False).run_dir)
+
+    import tasks.train as train_module
+
+    real_save_state = train_module.save_state
+
+    def crash_at_final_checkpoint(state, path):
+        if state["step"] == 2 * N:
+            Path(path).write_bytes(b"\x80half a pickle")
+            raise OSError("No space left on device")
+        return real_save_state(state, path)
+
+    run_dir = tmp_path / "crashed"
+    monkeypatch.setattr(train_module, "save_state", crash_at_final_checkpoint)
+    with pytest.raises(OSError, match="No space left"):
+        train_model(dataset, embeddings, cfg, run_dir=run_dir, mlflow_experiment=None, progress=False)
+    latest = _latest_checkpoint(run_dir / CHECKPOINTS_DIR)
+    assert latest.name == f"step-{N:08d}" and load_state(latest / "state.pt")["step"] == N
+    assert [p.name for p in (run_dir / CHECKPOINTS_DIR).iterdir()] == [latest.name]  # no partial directory
+
+    monkeypatch.setattr(train_module, "save_state", real_save_state)
+    result = train_model(dataset, embeddings, cfg, run_dir=run_dir, mlflow_experiment=None, progress=False)
+    assert result.step == 2 * N
+    final = f"{CHECKPOINTS_DIR}/step-{2 * N:08d}"
+    assert_same_weights(reference / final / "unet.safetensors", run_dir / final / "unet.safetensors")
+    assert_same_weights(reference / final / "ema.safetensors", run_dir / final / "ema.safetensors")
+    assert losses(run_dir) == pytest.approx(losses(reference), abs=0)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(toy, tmp_path):
+    from tasks.settings import get_settings
+
+    dataset, embeddings = toy
+    runs = get_settings().runs_dir
+    empty_root = tmp_path / "empty"
+    (empty_root / "train").mkdir(parents=True)
+    empty = dataset.model_copy(update={"root": str(empty_root), "counts": {"train": 0, "val": 0, "rejects": 3}})
+    cases = [
+        (empty, embeddings.model_copy(update={"dataset_version": empty.version}), tiny(), TrainDataError, "no training rows"),
+        (dataset, embeddings.model_copy(update={"dataset_version": "0123456789abcdef"}), tiny(), TrainDataError,
+         "covers dataset version 0123456789abcdef"),
+        (dataset, embeddings, tiny(resolution=16), TrainingError, "ingested at 8 px"),
+        (dataset, embeddings, tiny(batch_size=64), TrainingError, f"larger than the {dataset.counts['train']} training images"),
+        (dataset, embeddings, tiny(unet={"channels": [16, 32], "norm_groups": 8, "attention_levels": [False, True],
+                                         "head_dim": 8, "context_dim": 64}), TrainingError, "token width 32"),
+    ]
+    for ds, es, cfg, error, message in cases:
+        with pytest.raises(error, match=message):
+            train_model(ds, es, cfg, mlflow_experiment=None, progress=False)
+    assert not runs.exists()
+
+
+def test_run_dir_of_another_run_is_refused(toy, tmp_path):
+    dataset, embeddings = toy
+    run_dir = tmp_path / "run"
+    train_model(dataset, embeddings, tiny(steps=2, checkpoint_every=1), run_dir=run_dir, mlflow_experiment=None, progress=False)
+    before = sorted(str(p) for p in run_dir.rglob("*"))
+    with pytest.raises(TrainingError, match="pass another run_dir"):
+        train_model(dataset, embeddings, tiny(steps=3, checkpoint_every=1), run_dir=run_dir, mlflow_experiment=None,
+                    progress=False)
+    assert sorted(str(p) for p in run_dir.rglob("*")) == before
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(toy, tmp_path, monkeypatch):
+    import tasks.train as train_module
+
+    dataset, embeddings = toy
+    real_loss = train_module.diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss  # the 5th step's loss
+
+    monkeypatch.setattr(train_module, "diffusion_loss", poisoned)
+    run_dir = tmp_path / "run"
+    cfg = tiny(steps=10, checkpoint_every=3, log_every=4)
+    with pytest.raises(NonFiniteLossError, match="at step 5 .*step-00000003") as info:
+        train_model(dataset, embeddings, cfg, run_dir=run_dir, mlflow_experiment=None, progress=False)
+    assert info.value.step == 5
+    checkpoints = [p.name for p in (run_dir / CHECKPOINTS_DIR).iterdir()]
+    assert checkpoints == ["step-00000003"]  # step 6's checkpoint was never written
+    weights = load_weights(run_dir / CHECKPOINTS_DIR / "step-00000003" / "unet.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (run_dir / "model").exists()
+
+
+# ---- tracking ---------------------------------------------------------------------------------
+
+
+def test_mlflow_run_has_config_metrics_samples_and_model(toy):
+    from mlflow import MlflowClient
+
+    from tasks.settings import get_settings
+
+    dataset, embeddings = toy
+    cfg = tiny(steps=4, log_every=2, checkpoint_every=4, sample_every=2)
+    result = train_model(dataset, embeddings, cfg, mlflow_experiment="t2i-test", progress=False)
+    client = MlflowClient(get_settings().mlflow_tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["train.steps"] == "4" and params["train.unet.context_dim"] == "32"
+    assert params["dataset.version"] == dataset.version and params["encoder.id"] == embeddings.encoder_id
+    assert len(params["git_commit"]) in (40, 7) or params["git_commit"] == "unknown"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
+    assert {"lr", "grad_norm", "images_per_s"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "samples", "config.json"} <= artifacts
+    assert "model/model_config.json" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert len(client.list_artifacts(run.info.run_id, "samples")) == 4  # 2 grids, each with its captions
+
+
+# ---- DDP ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one(toy, tmp_path, monkeypatch):
+    dataset, embeddings = toy
+    single = train_model(dataset, embeddings, tiny(), run_dir=tmp_path / "single", mlflow_experiment=None, progress=False)
+
+    # torchrun's workers build the final TextToImage, so they must know the tiny test encoder too
+    import open_clip.factory
+
+    clip_dir = next(p for p in open_clip.factory._MODEL_CONFIG_PATHS if (Path(p) / "t2i-test-tiny-clip.json").is_file())
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"import open_clip\nopen_clip.add_model_config({str(clip_dir)!r})\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(REPO)]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+    ddp = train_model(dataset, embeddings, tiny(nproc=2), run_dir=tmp_path / "ddp", mlflow_experiment=None, progress=False)
+    assert ddp.step == single.step == 2 * N
+    one, two = losses(Path(single.run_dir)), losses(Path(ddp.run_dir))
+    assert sorted(two) == sorted(one)
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5), step
+    final = f"{CHECKPOINTS_DIR}/step-{2 * N:08d}"
+    for name in ("unet.safetensors", "ema.safetensors"):
+        assert_same_weights(Path(single.run_dir) / final / name, Path(ddp.run_dir) / final / name, atol=1e-5)
+    assert_same_weights(Path(single.checkpoint) / "unet.safetensors", Path(ddp.checkpoint) / "unet.safetensors", atol=1e-5)
