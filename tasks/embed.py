@@ -605,6 +605,12 @@ def _check_published(manifest: dict[str, Any], dataset: DatasetVersion, encoder:
         )
 
 
+def load_embedding_set(root: str | Path) -> EmbeddingSet:
+    """The descriptor of a published embedding set directory, read from its manifest."""
+    root = Path(root)
+    return _descriptor(root, read_manifest(root))
+
+
 def _descriptor(final: Path, manifest: dict[str, Any]) -> EmbeddingSet:
     identity = manifest["encoder"]
     return EmbeddingSet(
@@ -747,17 +753,20 @@ def find_published(dataset_version: str, encoder_config: TextEncoderConfig, data
 
 
 def _embed_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
-    """Key on the published set (dataset version + encoder identity); None, so no caching, until it exists.
+    """Key on what the set is made of: the dataset version and the encoder identity.
 
-    Keying only published sets means a set deleted from disk is never "restored" from
-    Prefect's cache as a descriptor of missing files.
+    The first run stores its descriptor under this key, so a later run with unchanged inputs
+    is a cache hit. A set deleted from disk after that is not rebuilt from the cache's point of
+    view: run with PREFECT_TASKS_REFRESH_CACHE=true (training checks its inputs exist and says so).
     """
     dataset = DatasetVersion.model_validate(parameters["dataset"])
     config = EmbedConfig.model_validate(parameters["config"])
-    final = find_published(dataset.version, config.text_encoder_config(), parameters.get("data_root"))
-    if final is None or (config.encode_val_images and not read_manifest(final)["val_images"]):
-        return None
-    return "embed-" + hashlib.sha256(str(final).encode()).hexdigest()[:32]
+    identity = json.dumps(
+        {"dataset": dataset.version, "encoder": config.encoder, "val_images": config.encode_val_images,
+         "data_root": str(parameters.get("data_root") or embeddings_dir())},
+        sort_keys=True,
+    )
+    return "embed-" + hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
 def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:

@@ -324,17 +324,17 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
 
 
 def _ingest_cache_key(context, parameters: dict[str, Any]) -> str | None:
-    """Key on the published version directory; None (no caching) until it exists.
+    """Key on the version directory the inputs map to (source content + ingest config).
 
-    Keying only published versions means a version deleted from disk is never
-    "restored" from Prefect's cache as a descriptor of missing files.
+    The first run stores its descriptor under this key, so re-running an unchanged source is
+    a cache hit. A version deleted from disk afterwards is not re-ingested from the cache's
+    point of view: run with PREFECT_TASKS_REFRESH_CACHE=true (later stages check their
+    inputs exist and say so).
     """
     config = parameters.get("config")
     config = IngestConfig.model_validate(config) if config is not None else IngestConfig()
     version = dataset_version(parameters["source"], config)
     final = _datasets_dir(parameters.get("data_root")) / parameters["name"] / version
-    if not (final / MANIFEST_NAME).is_file():
-        return None
     return "ingest-" + hashlib.sha256(str(final.absolute()).encode()).hexdigest()[:32]
 
 

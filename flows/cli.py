@@ -1,0 +1,256 @@
+"""`t2i`: the command line over the pipeline's stages and flows.
+
+    t2i run --preset cpu-demo                 # the whole pipeline (what `make demo` runs)
+    t2i shapes --out data/raw/shapes          # generate the built-in demo source
+    t2i ingest SOURCE --name NAME --resolution 32
+    t2i embed DATASET_DIR --allow-random-init
+    t2i train DATASET_DIR EMBEDDINGS_DIR --preset cpu-demo
+    t2i evaluate RUN_DIR DATASET_DIR
+    t2i register RUN_DIR REPORT_JSON | t2i register --restore VERSION
+    t2i sample "a red circle in the top left" --model models:/t2i-shapes@champion --out out.png
+
+Every stage command is the plain function the flow's task wraps; `--set section.key=value`
+overrides any preset value (unknown keys are errors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="t2i-pipeline: caption dataset -> Parquet -> CLIP embeddings -> UNet/DDPM -> evaluation -> MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="preset name in configs/ or a YAML path")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="override a preset value, e.g. --set train.steps=100 (repeatable)"),
+]
+
+
+def _offline_defaults() -> None:
+    # Prefect's and MLflow's telemetry try to resolve hosts; the pipeline runs offline.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def _preset(name: str, overrides: list[str] | None):
+    from tasks.presets import load_preset
+
+    try:
+        return load_preset(name, overrides or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def load_train_result(run_dir: Path):
+    """The TrainResult a finished run wrote into its directory."""
+    from tasks.contracts import TrainResult
+    from tasks.train import RESULT_FILE
+
+    path = Path(run_dir) / RESULT_FILE
+    if not path.is_file():
+        raise typer.BadParameter(f"{path} not found: {run_dir} is not a finished training run (see `t2i train`)")
+    return TrainResult.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def _echo_json(title: str, obj) -> None:
+    typer.secho(title, bold=True)
+    typer.echo(json.dumps(obj.model_dump(mode="json") if hasattr(obj, "model_dump") else obj, indent=2))
+
+
+@app.command()
+def shapes(
+    out: Annotated[Optional[Path], typer.Option(help="folder to write; default data/raw/shapes-<config hash>")] = None,
+    preset: PresetOpt = "cpu-demo",
+    set_: SetOpt = None,
+) -> None:
+    """Generate the built-in shapes source (images + metadata.jsonl + heldout.json)."""
+    from tasks.shapes import default_shapes_dir, generate_shapes
+
+    config = _preset(preset, set_).shapes
+    path = generate_shapes(out or default_shapes_dir(config), config)
+    typer.echo(f"shapes source ({config.n_images} images, {config.resolution} px): {path}")
+
+
+@app.command()
+def ingest(
+    source: Annotated[str, typer.Argument(help="image folder, folder of .tar shards, or a .csv/.parquet URL list")],
+    name: Annotated[str, typer.Option(help="dataset name under data/datasets/")],
+    resolution: Annotated[Optional[int], typer.Option(help="training image side in pixels")] = None,
+    preset: PresetOpt = "cpu-demo",
+    set_: SetOpt = None,
+) -> None:
+    """Ingest a caption dataset into a versioned Parquet dataset (idempotent)."""
+    from tasks.ingest import ingest_dataset
+
+    overrides = list(set_ or []) + ([f"ingest.resolution={resolution}"] if resolution else [])
+    dataset = ingest_dataset(source, name, _preset(preset, overrides).ingest)
+    _echo_json("dataset version", dataset)
+
+
+@app.command()
+def embed(
+    dataset_dir: Annotated[Path, typer.Argument(help="a published dataset version directory")],
+    weights: Annotated[Optional[str], typer.Option(help="open_clip weights file or cached pretrained tag")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="open_clip model name, e.g. ViT-B-32")] = None,
+    allow_random_init: Annotated[
+        bool, typer.Option(help="with no weights, use a seeded random encoder (demo only)")
+    ] = False,
+    preset: PresetOpt = "cpu-demo",
+    set_: SetOpt = None,
+) -> None:
+    """Precompute caption embeddings for a dataset version (idempotent)."""
+    from tasks.embed import embed_from_path
+
+    overrides = list(set_ or [])
+    if weights:
+        overrides.append(f"embed.encoder.weights='{weights}'")
+    if model_name:
+        overrides.append(f"embed.encoder.model_name='{model_name}'")
+    if allow_random_init:
+        overrides.append("embed.encoder.allow_random_init=true")
+    result = embed_from_path(dataset_dir, _preset(preset, overrides).embed)
+    _echo_json("embedding set", result)
+
+
+@app.command()
+def train(
+    dataset_dir: Annotated[Path, typer.Argument(help="a published dataset version directory")],
+    embeddings_dir: Annotated[Path, typer.Argument(help="the embedding set directory for that dataset")],
+    preset: PresetOpt = "cpu-demo",
+    set_: SetOpt = None,
+) -> None:
+    """Train (or resume) the UNet; prints the TrainResult."""
+    from tasks.embed import load_embedding_set
+    from tasks.ingest import load_dataset_version
+    from tasks.train import train_model
+
+    result = train_model(
+        load_dataset_version(dataset_dir), load_embedding_set(embeddings_dir), _preset(preset, set_).train
+    )
+    _echo_json("training result", result)
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a finished training run directory")],
+    dataset_dir: Annotated[Path, typer.Argument(help="the dataset version it was trained on")],
+    preset: PresetOpt = "cpu-demo",
+    set_: SetOpt = None,
+) -> None:
+    """Sample the evaluation grid, compute metrics and the gate verdict; prints the EvalReport."""
+    from tasks.evaluate import evaluate_model
+    from tasks.ingest import load_dataset_version
+    from tasks.register import champion_metrics
+
+    p = _preset(preset, set_)
+    report = evaluate_model(
+        load_train_result(run_dir),
+        load_dataset_version(dataset_dir),
+        p.evaluate,
+        champion_metrics=champion_metrics(p.register.model_name),
+    )
+    (Path(run_dir) / "eval_report.json").write_text(report.model_dump_json(indent=2))
+    _echo_json("evaluation report", report)
+
+
+@app.command()
+def register(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="a finished, evaluated training run directory")] = None,
+    restore: Annotated[Optional[str], typer.Option(help="move the champion alias back to this version")] = None,
+    preset: PresetOpt = "cpu-demo",
+    set_: SetOpt = None,
+) -> None:
+    """Register a run's model in MLflow (candidate; champion if its gate passed), or --restore a version."""
+    from tasks.contracts import EvalReport
+    from tasks.register import register_model, restore_champion
+
+    config = _preset(preset, set_).register
+    if restore:
+        _echo_json("restored", restore_champion(config.model_name, restore))
+        return
+    if run_dir is None:
+        raise typer.BadParameter("give RUN_DIR (evaluated with `t2i evaluate`) or --restore VERSION")
+    report_path = Path(run_dir) / "eval_report.json"
+    if not report_path.is_file():
+        raise typer.BadParameter(f"{report_path} not found: run `t2i evaluate {run_dir} DATASET_DIR` first")
+    report = EvalReport.model_validate_json(report_path.read_text())
+    _echo_json("registered", register_model(load_train_result(run_dir), report, config))
+
+
+@app.command()
+def sample(
+    prompts: Annotated[list[str], typer.Argument(help="one or more prompts")],
+    model: Annotated[
+        str, typer.Option(help="models:/<name>@<alias>, models:/<name>/<version>, runs:/..., or a saved model dir")
+    ] = "models:/t2i-shapes@champion",
+    out: Annotated[Path, typer.Option(help="output PNG; several prompts get -0, -1 ... suffixes")] = Path("out.png"),
+    seed: Annotated[int, typer.Option(help="seed of the first image (prompt i uses seed + i)")] = 0,
+    steps: Annotated[int, typer.Option(help="sampler steps")] = 50,
+    guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 3.0,
+    sampler: Annotated[str, typer.Option(help="ddim, dpmpp_2m or ddpm")] = "ddim",
+    scale: Annotated[int, typer.Option(help="upscale the written PNG by this factor (nearest), for viewing")] = 1,
+) -> None:
+    """Generate images from a registered (or saved) model."""
+    from tasks.register import sample_images
+
+    images = sample_images(model, list(prompts), seed=seed, steps=steps, guidance_scale=guidance, sampler=sampler)
+    for i, image in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        if scale > 1:
+            image = image.resize((image.width * scale, image.height * scale), resample=0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        typer.echo(f"{prompts[i]!r} -> {path}")
+
+
+@app.command()
+def run(
+    preset: PresetOpt = "cpu-demo",
+    source: Annotated[Optional[str], typer.Option(help="caption source; default: generate the shapes dataset")] = None,
+    name: Annotated[str, typer.Option(help="dataset name")] = "shapes",
+    set_: SetOpt = None,
+) -> None:
+    """Run the whole pipeline as a Prefect flow (ephemeral API unless PREFECT_API_URL is set)."""
+    _offline_defaults()
+    from flows.pipeline import PipelineParams, text_to_image_pipeline
+    from tasks.settings import get_settings
+
+    params = PipelineParams(preset=preset, source=source, dataset_name=name, overrides=list(set_ or []))
+    params.to_preset()  # fail fast on a bad preset or override, before Prefect starts
+    started = time.perf_counter()
+    summary = text_to_image_pipeline(params)
+    elapsed = time.perf_counter() - started
+    settings = get_settings()
+    r = summary.report
+    typer.secho(f"\npipeline finished in {elapsed / 60:.1f} min", bold=True)
+    typer.echo(f"dataset version : {summary.dataset.name}/{summary.dataset.version} {summary.dataset.counts}")
+    typer.echo(f"embeddings      : {summary.embeddings.encoder_id}")
+    typer.echo(f"trained         : step {summary.train.step}, {summary.train.run_dir}")
+    typer.echo("metrics         : " + ", ".join(f"{k}={v:.3g}" for k, v in sorted(r.metrics.items())))
+    typer.echo(f"gate            : {'passed' if r.passed else 'failed'} ({r.reason})")
+    typer.echo(f"sample grid     : {r.grid_path}")
+    typer.echo(f"registered      : {summary.registered.uri} (aliases: {', '.join(summary.registered.aliases)})")
+    typer.echo(
+        "\nnext:\n"
+        f"  .venv/bin/t2i sample 'a red circle' --model {summary.registered.uri} --out out.png --scale 8\n"
+        f"  .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} -h 127.0.0.1   # MLflow UI\n"
+        "  .venv/bin/prefect server start --host 127.0.0.1   # Prefect UI (flow runs of later `t2i run`s)"
+    )
+
+
+if __name__ == "__main__":
+    app()
