@@ -1,0 +1,38 @@
+import pytest
+from pydantic import ValidationError
+
+from tasks.presets import apply_override, available_presets, load_preset
+
+
+def test_every_shipped_preset_validates():
+    assert {"cpu-demo", "gpu-32px", "gpu-64px"} <= set(available_presets())
+    for name in available_presets():
+        preset = load_preset(name)
+        assert preset.name == name
+        # the data the preset ingests is the resolution it trains at
+        assert preset.train.resolution in (None, preset.ingest.resolution)
+
+
+def test_cpu_demo_never_needs_downloads():
+    assert load_preset("cpu-demo").embed.encoder["allow_random_init"] is True
+
+
+def test_overrides_parse_yaml_values():
+    preset = load_preset("cpu-demo", ["train.steps=7", "train.unet.channels=[8, 16]", "train.unet.attention_levels=[false, true]", "register.model_name=m"])
+    assert preset.train.steps == 7 and preset.train.unet["channels"] == [8, 16]
+    assert preset.register.model_name == "m"
+
+
+def test_unknown_keys_and_bad_values_are_errors(tmp_path):
+    with pytest.raises(ValidationError, match="stepz"):
+        load_preset("cpu-demo", ["train.stepz=7"])
+    with pytest.raises(ValidationError, match="colour"):
+        load_preset("cpu-demo", ["train.colour=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trian:\n  steps: 3\n")
+    with pytest.raises(ValidationError, match="trian"):
+        load_preset(bad)
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_preset("no-such-preset")
+    with pytest.raises(ValueError, match="section.key=value"):
+        apply_override({}, "train.steps")
