@@ -18,8 +18,8 @@ def test_cpu_demo_never_needs_downloads():
 
 
 def test_overrides_parse_yaml_values():
-    preset = load_preset("cpu-demo", ["train.steps=7", "train.unet={channels: [16, 32], attention_levels: [false, true], head_dim: 8, norm_groups: 8}", "register.model_name=m"])
-    assert preset.train.steps == 7 and preset.train.unet["channels"] == [16, 32]
+    preset = load_preset("cpu-demo", ["train.steps=70", "train.unet={channels: [16, 32], attention_levels: [false, true], head_dim: 8, norm_groups: 8}", "register.model_name=m"])
+    assert preset.train.steps == 70 and preset.train.unet["channels"] == [16, 32]
     assert preset.register.model_name == "m"
 
 
