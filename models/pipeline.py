@@ -72,6 +72,10 @@ class TextToImage:
             raise ValueError(
                 f"text encoder width {text_encoder.width} != UNet context_dim {unet.config.context_dim}"
             )
+        if unet.config.pooled_dim is not None and text_encoder.pooled_dim != unet.config.pooled_dim:
+            raise ValueError(
+                f"text encoder pooled width {text_encoder.pooled_dim} != UNet pooled_dim {unet.config.pooled_dim}"
+            )
         self.unet = unet.eval()
         self.schedule = schedule
         self.text_encoder = text_encoder
@@ -104,6 +108,9 @@ class TextToImage:
         device = self.device
         cond = self.text_encoder.encode(list(prompts))
         uncond = self.text_encoder.encode([""])
+        pooled = {}
+        if self.unet.config.pooled_dim is not None:  # global text conditioning: the UNet takes the pooled embedding too
+            pooled = {"pooled": cond.pooled.to(device), "uncond_pooled": uncond.pooled.to(device)}
         denoiser = guided_model_fn(
             self.unet,
             cond.tokens.to(device),
@@ -111,6 +118,7 @@ class TextToImage:
             uncond.tokens.to(device),
             uncond.mask.to(device),
             params.guidance_scale,
+            **pooled,
         )
         kwargs = {"eta": params.eta} if params.sampler == "ddim" else {}
         steps = None if params.sampler == "ddpm" and params.steps >= self.schedule.num_train_timesteps else params.steps

@@ -7,7 +7,10 @@
     up level:   [ResNet (+Transformer)] x (layers_per_block + 1), then nearest-upsample + conv
 
 Every ResNet block receives the time-step embedding as a scale and shift of its
-second normalisation (FiLM; Dhariwal & Nichol 2021, "AdaGN"). Every Transformer
+second normalisation (FiLM; Dhariwal & Nichol 2021, "AdaGN"). With `pooled_dim` set, the
+caption's pooled embedding is projected and added to that time embedding (global text
+conditioning, as Imagen and SDXL's `add_embedding` do), so every ResNet block also sees the
+whole caption at once; the token states still steer the image through cross-attention. Every Transformer
 block runs self-attention over the pixels, cross-attention from the pixels to the
 caption's token states (keys/values from the text), and a GEGLU feed-forward, as
 `UNet2DConditionModel` / ldm's `SpatialTransformer` do.
@@ -44,6 +47,7 @@ class UNetConfig:
     norm_groups: int = 32
     dropout: float = 0.0
     time_embed_dim: int | None = None  # default 4 * channels[0], as in DDPM / Stable Diffusion
+    pooled_dim: int | None = None  # width E of the pooled caption embedding added to the time embedding; None = off
 
     def __post_init__(self) -> None:
         # Lists arrive from JSON / YAML; a frozen dataclass needs tuples to stay hashable.
@@ -56,8 +60,9 @@ class UNetConfig:
         for name in ("in_channels", "out_channels", "layers_per_block", "head_dim",
                      "transformer_depth", "context_dim", "norm_groups"):
             _check_positive_int(name, getattr(self, name))
-        if self.time_embed_dim is not None:
-            _check_positive_int("time_embed_dim", self.time_embed_dim)
+        for name in ("time_embed_dim", "pooled_dim"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
         if not self.channels:
             raise ValueError("UNetConfig.channels is empty; give one width per resolution level, e.g. (64, 128, 256).")
         for width in self.channels:
@@ -318,6 +323,11 @@ class UNet(nn.Module):
         ch0, T, G = c.channels[0], c.time_dim, c.norm_groups
 
         self.time_embed = nn.Sequential(nn.Linear(ch0, T), nn.SiLU(), nn.Linear(T, T))
+        # Global text conditioning (Imagen; SDXL's `add_embedding`): an MLP of the pooled caption
+        # embedding, added to the time embedding that FiLMs every ResNet block.
+        self.pooled_embed = (
+            nn.Sequential(nn.Linear(c.pooled_dim, T), nn.SiLU(), nn.Linear(T, T)) if c.pooled_dim is not None else None
+        )
         self.conv_in = nn.Conv2d(c.in_channels, ch0, 3, padding=1)
 
         film_widths = []  # 2 * width of every ResnetBlock, in the order forward() calls them
@@ -367,19 +377,25 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(G, width)
         self.conv_out = _zero_(nn.Conv2d(width, c.out_channels, 3, padding=1))
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None, pooled: Tensor | None = None
+    ) -> Tensor:
         """x (B, C, H, W) noisy images; t (B,) int or float timesteps (or a 0-d tensor for all);
         context (B, L, D) caption token states; context_mask (B, L) bool, True = real token
         (None: every token is real). Padded tokens have no influence on the output; a caption
         whose mask is all False attends to nothing (zero cross-attention output, never NaN).
-        Returns (B, out_channels, H, W). Accepts channels_last inputs and keeps that layout."""
-        self._check_inputs(x, t, context, context_mask)
+        pooled (B, E) the pooled caption embedding: required when `config.pooled_dim` is set,
+        refused otherwise. Returns (B, out_channels, H, W). Accepts channels_last inputs and
+        keeps that layout."""
+        self._check_inputs(x, t, context, context_mask, pooled)
         B = x.shape[0]
         if t.ndim == 0:
             t = t.expand(B)
 
         emb = timestep_embedding(t, self.config.channels[0]).to(self.conv_in.weight.dtype)  # (B, ch0)
         temb = self.time_embed(emb)  # (B, T)
+        if self.pooled_embed is not None:
+            temb = temb + self.pooled_embed(pooled.to(temb.dtype))  # (B, T)
         films = iter(self.time_proj(F.silu(temb)).split(self.film_widths, dim=1))  # (B, 2C) per ResnetBlock
 
         mask: _ContextMask | None = None
@@ -414,7 +430,9 @@ class UNet(nn.Module):
 
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_channels, H, W)
 
-    def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None) -> None:
+    def _check_inputs(
+        self, x: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None, pooled: Tensor | None
+    ) -> None:
         # Shape checks only (no values): no host sync, and torch.compile turns them into guards.
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels:
@@ -441,3 +459,19 @@ class UNet(nn.Module):
                     f"context_mask must be (B, L) = {tuple(context.shape[:2])} to match context, "
                     f"got {tuple(context_mask.shape)}."
                 )
+        if c.pooled_dim is None:
+            if pooled is not None:
+                raise ValueError(
+                    "this UNet has no pooled-embedding input (UNetConfig.pooled_dim is None) but pooled was given; "
+                    "drop the argument, or build the UNet with pooled_dim = the text encoder's pooled width."
+                )
+        elif pooled is None:
+            raise ValueError(
+                f"this UNet is conditioned on the pooled caption embedding (UNetConfig.pooled_dim={c.pooled_dim}); "
+                f"pass pooled=(B, {c.pooled_dim}), e.g. TextEncoder.encode(...).pooled or the embedding set's pooled."
+            )
+        elif pooled.ndim != 2 or tuple(pooled.shape) != (B, c.pooled_dim):
+            raise ValueError(
+                f"pooled must be (B, E) = ({B}, {c.pooled_dim}) pooled caption embeddings, got {tuple(pooled.shape)}; "
+                "UNetConfig.pooled_dim must equal the text encoder's pooled width."
+            )

@@ -1,7 +1,7 @@
 """Training data: a dataset version's images and its caption embeddings, as tensors.
 
 `load_train_data` decodes the Parquet images once into a uint8 tensor `(N, 3, H, W)`
-and joins them by `id` with the embedding set's token states, so a training step
+and joins them by `id` with the embedding set's token states and pooled embeddings, so a training step
 is only an index into tensors that already sit on the device (no data loader, no
 host work per step). `EpochSampler` turns a global sample position into dataset
 indices: the position is the whole data state of a run, which is what makes a
@@ -42,8 +42,10 @@ class TrainData:
     images: torch.Tensor  # (N, 3, H, W) uint8
     tokens: torch.Tensor  # (N, L, D) caption token states (float16 as stored)
     mask: torch.Tensor  # (N, L) bool, True = real token
+    pooled: torch.Tensor  # (N, E) float32 pooled caption embeddings (the UNet's global conditioning)
     uncond_tokens: torch.Tensor  # (1, L, D) the empty caption, for caption dropout
     uncond_mask: torch.Tensor  # (1, L) bool
+    uncond_pooled: torch.Tensor  # (1, E) float32
     flippable: torch.Tensor  # (N,) bool: may this sample be mirrored left-right
 
     def __len__(self) -> int:
@@ -61,7 +63,9 @@ class TrainData:
         return replace(self, **moved)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.images, self.tokens, self.mask, self.flippable))
+        return sum(
+            t.numel() * t.element_size() for t in (self.images, self.tokens, self.mask, self.pooled, self.flippable)
+        )
 
 
 def flippable_mask(captions: list[str], flip: str) -> torch.Tensor:
@@ -146,8 +150,10 @@ def load_train_data(
         images=images,
         tokens=emb.tokens[rows],
         mask=emb.mask[rows].bool(),
+        pooled=emb.pooled[rows].float(),
         uncond_tokens=emb.uncond_tokens,
         uncond_mask=emb.uncond_mask.bool(),
+        uncond_pooled=emb.uncond_pooled.float(),
         flippable=flippable_mask(captions, flip),
     )
 

@@ -9,7 +9,8 @@ or, as a process (what `torchrun` runs for `nproc > 1`, and what the resume test
 
 The recipe (DDPM, Ho et al. 2020, with the Stable Diffusion conditioning): per sample a random
 time step t, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, the UNet sees (x_t, t, caption token
-states) and regresses eps or v, MSE with optional Min-SNR-gamma weights; captions are dropped to
+states, and with `pooled_conditioning` the caption's pooled embedding) and regresses eps or v, MSE
+with optional Min-SNR-gamma weights; captions (tokens and pooled embedding together) are dropped to
 the empty caption with probability `caption_dropout` so the model also learns the unconditional
 prediction that classifier-free guidance needs.
 
@@ -86,7 +87,15 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    unet: dict[str, Any] = Field(default_factory=dict, description="UNetConfig fields; context_dim defaults to the embeddings' width")
+    unet: dict[str, Any] = Field(
+        default_factory=dict,
+        description="UNetConfig fields; context_dim (and pooled_dim, see pooled_conditioning) default to the embeddings' widths",
+    )
+    pooled_conditioning: bool = Field(
+        True,
+        description="add the caption's pooled embedding to the UNet's time embedding (Imagen, SDXL): "
+        "sets unet.pooled_dim to the embedding set's pooled width",
+    )
     schedule: dict[str, Any] = Field(default_factory=dict, description="ScheduleConfig fields")
     resolution: PositiveInt | None = Field(None, description="expected image size; None = the dataset's")
 
@@ -237,14 +246,35 @@ def train_task(
 
 
 def resolve_unet_config(config: TrainConfig, embeddings: EmbeddingSet) -> UNetConfig:
-    """The UNet to build: the config's fields, context_dim defaulting to the embeddings' width."""
-    unet_config = UNetConfig.from_dict({"context_dim": embeddings.width, **config.unet})
+    """The UNet to build: the config's fields, context_dim defaulting to the embeddings' token width and,
+    with `pooled_conditioning`, pooled_dim to their pooled width (read from the set's manifest)."""
+    defaults: dict[str, Any] = {"context_dim": embeddings.width}
+    if config.pooled_conditioning:
+        defaults["pooled_dim"] = embedding_pooled_dim(embeddings)
+    elif config.unet.get("pooled_dim") is not None:
+        raise TrainingError(
+            f"train.unet.pooled_dim is {config.unet['pooled_dim']} but train.pooled_conditioning is false; "
+            "remove pooled_dim and set pooled_conditioning: true to condition on the pooled embedding"
+        )
+    unet_config = UNetConfig.from_dict({**defaults, **config.unet})
     if unet_config.context_dim != embeddings.width:
         raise TrainingError(
             f"train.unet.context_dim is {unet_config.context_dim} but the embedding set {embeddings.encoder_id} has "
             f"token width {embeddings.width}; remove context_dim from the preset (it defaults to the encoder's width)"
         )
+    if config.pooled_conditioning and unet_config.pooled_dim != defaults["pooled_dim"]:
+        raise TrainingError(
+            f"train.unet.pooled_dim is {unet_config.pooled_dim} but the embedding set {embeddings.encoder_id} has "
+            f"pooled width {defaults['pooled_dim']}; remove pooled_dim from the preset (it defaults to the encoder's)"
+        )
     return unet_config
+
+
+def embedding_pooled_dim(embeddings: EmbeddingSet) -> int:
+    """Width E of the set's pooled caption embeddings (its manifest's `pooled_dim`)."""
+    from tasks.embed import read_manifest  # the embed stage owns the on-disk embedding format
+
+    return int(read_manifest(embeddings.path)["pooled_dim"])
 
 
 def run_key(dataset: DatasetVersion, embeddings: EmbeddingSet, config: TrainConfig, unet_config: UNetConfig) -> str:
@@ -489,11 +519,14 @@ class _Trainer:
             drop = drop_all[sl]
             context = torch.where(drop[:, None, None], d.uncond_tokens, d.tokens[idx].to(dev, non_blocking=True))  # (b, L, D)
             context_mask = torch.where(drop[:, None], d.uncond_mask, d.mask[idx].to(dev, non_blocking=True))  # (b, L)
+            pooled = None
+            if self.unet_config.pooled_dim is not None:  # a dropped caption drops its pooled embedding too
+                pooled = torch.where(drop[:, None], d.uncond_pooled, d.pooled[idx].to(dev, non_blocking=True))  # (b, E)
             sync = k == c.grad_accum - 1 or self.dist.world == 1
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 loss = diffusion_loss(
                     self.model, self.schedule, x0, eps_all[sl], t_all[sl], context.float(), context_mask,
-                    c.min_snr_gamma, self.amp_dtype, self.channels_last,
+                    c.min_snr_gamma, self.amp_dtype, self.channels_last, pooled,
                 )
                 (loss / c.grad_accum).backward()
             loss_total += loss.detach() / c.grad_accum
@@ -628,8 +661,12 @@ class _Trainer:
         context = d.tokens[rows].to(self.device).float()
         mask = d.mask[rows].to(self.device)
         unet = self.ema.module.eval()
+        pooled = {}
+        if self.unet_config.pooled_dim is not None:
+            pooled = {"pooled": d.pooled[rows].to(self.device), "uncond_pooled": d.uncond_pooled.to(self.device)}
         denoise = guided_model_fn(
-            unet, context, mask, d.uncond_tokens.to(self.device).float(), d.uncond_mask.to(self.device), c.sample_guidance
+            unet, context, mask, d.uncond_tokens.to(self.device).float(), d.uncond_mask.to(self.device), c.sample_guidance,
+            **pooled,
         )
         schedule = NoiseSchedule(self.schedule.config)  # tables on the CPU: the samplers read floats from them
         res = d.images.shape[-1]
@@ -721,16 +758,17 @@ def diffusion_loss(
     min_snr_gamma: float | None,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    pooled: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weighted MSE between the UNet's prediction and the schedule's target (eps or v), a scalar.
 
-    x0, eps (B, 3, H, W); t (B,); context (B, L, D); context_mask (B, L)."""
+    x0, eps (B, 3, H, W); t (B,); context (B, L, D); context_mask (B, L); pooled (B, E) or None."""
     x_t = schedule.add_noise(x0, eps, t)  # q(x_t | x0), Ho et al. 2020 eq. 4
     target = schedule.training_target(x0, eps, t)  # eps, or v (Salimans & Ho 2022)
     if channels_last:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x0.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        out = model(x_t, t, context, context_mask)  # (B, 3, H, W)
+        out = model(x_t, t, context, context_mask, pooled=pooled)  # (B, 3, H, W)
     per_sample = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
     weights = schedule.loss_weight(t, min_snr_gamma)  # (B,) Min-SNR-gamma, or ones
     return (per_sample * weights).mean()
@@ -885,10 +923,14 @@ def _place_data(data: TrainData, device: torch.device) -> TrainData:
     if data.nbytes() < free // 2:
         return data.to(device)
     log.warning("training data (%.1f GiB) does not fit on %s; keeping it in pinned host memory", data.nbytes() / 2**30, device)
-    small = {"uncond_tokens": data.uncond_tokens.to(device), "uncond_mask": data.uncond_mask.to(device)}
+    small = {
+        "uncond_tokens": data.uncond_tokens.to(device),
+        "uncond_mask": data.uncond_mask.to(device),
+        "uncond_pooled": data.uncond_pooled.to(device),
+    }
     return TrainData(
         ids=data.ids, captions=data.captions, images=data.images.pin_memory(), tokens=data.tokens.pin_memory(),
-        mask=data.mask.pin_memory(), flippable=data.flippable.pin_memory(), **small,
+        mask=data.mask.pin_memory(), pooled=data.pooled.pin_memory(), flippable=data.flippable.pin_memory(), **small,
     )
 
 

@@ -107,3 +107,48 @@ def test_bad_generation_params_are_clear_errors(kwargs, match):
 def test_load_of_a_non_model_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_config.json"):
         TextToImage.load(tmp_path)
+
+
+@pytest.fixture
+def pooled_pipe(tiny_clip) -> TextToImage:
+    """A pipeline whose UNet also takes the pooled caption embedding (global text conditioning)."""
+    torch.manual_seed(1)
+    encoder = TextEncoder(TextEncoderConfig(model_name=tiny_clip, allow_random_init=True, random_init_seed=3))
+    unet = UNet(
+        UNetConfig(channels=(16, 32), attention_levels=(False, True), layers_per_block=1, head_dim=8,
+                   norm_groups=8, context_dim=encoder.width, pooled_dim=encoder.pooled_dim)
+    )
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return TextToImage(unet, NoiseSchedule(ScheduleConfig(num_train_timesteps=100)), encoder, resolution=8)
+
+
+def test_pooled_unet_uses_the_pooled_embedding_and_round_trips(pooled_pipe, tmp_path):
+    params = GenerationParams(steps=4, guidance_scale=3.0)
+    a = pooled_pipe.generate(["a red circle"], seeds=1, params=params)
+    # the pooled path is live: silencing its MLP changes the image
+    with torch.no_grad():
+        saved = pooled_pipe.unet.pooled_embed[2].weight.clone()
+        pooled_pipe.unet.pooled_embed[2].weight.zero_()
+        pooled_pipe.unet.pooled_embed[2].bias.zero_()
+        silenced = pooled_pipe.generate(["a red circle"], seeds=1, params=params)
+        pooled_pipe.unet.pooled_embed[2].weight.copy_(saved)
+    assert not torch.allclose(a, silenced, atol=1e-4)
+
+    pooled_pipe.unet.pooled_embed[2].bias.data.normal_(0, 0.05)
+    pooled_pipe.save(tmp_path / "model")
+    loaded = TextToImage.load(tmp_path / "model")
+    assert loaded.unet.config.pooled_dim == pooled_pipe.text_encoder.pooled_dim
+    for scale in (1.0, 3.0):
+        params = GenerationParams(steps=4, guidance_scale=scale)
+        assert torch.equal(
+            pooled_pipe.generate(["a green triangle", "x"], seeds=2, params=params),
+            loaded.generate(["a green triangle", "x"], seeds=2, params=params),
+        )
+
+
+def test_pooled_width_mismatch_is_a_clear_error(pooled_pipe):
+    cfg = UNetConfig(**{**pooled_pipe.unet.config.to_dict(), "pooled_dim": pooled_pipe.text_encoder.pooled_dim + 1})
+    with pytest.raises(ValueError, match="pooled width"):
+        TextToImage(UNet(cfg), pooled_pipe.schedule, pooled_pipe.text_encoder, resolution=8)

@@ -406,3 +406,51 @@ def test_timesteps_are_valid_for_every_step_count():
             for N in range(1, max_steps + 1):
                 ts = np.array(make(T, N, spacing))
                 assert len(ts) == N and (np.diff(ts) < 0).all() and ts[0] <= T - 1 and ts[-1] >= 0, (make, N, spacing)
+
+
+class PooledToyDenoiser(ToyDenoiser):
+    """ToyDenoiser that also requires a pooled (B, E) embedding, as a UNet with pooled_dim does."""
+
+    def __init__(self, pooled_dim=6):
+        super().__init__()
+        self.pooled_proj = torch.randn(pooled_dim, 3, generator=torch.Generator().manual_seed(6))
+
+    def __call__(self, x, t, context, context_mask, *, pooled):
+        return super().__call__(x, t, context, context_mask) + (pooled @ self.pooled_proj).view(-1, x.shape[1], 1, 1)
+
+
+def pooled_inputs(B=2, E=6):
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(B, E, generator=g), torch.randn(1, E, generator=g)
+
+
+def test_guidance_with_pooled_scale_one_is_the_conditional_prediction():
+    x, t, context, mask, uncond, umask = guidance_inputs()
+    pooled, uncond_pooled = pooled_inputs()
+    denoiser = PooledToyDenoiser()
+    out = guided_model_fn(denoiser, context, mask, uncond, umask, 1.0, pooled=pooled, uncond_pooled=uncond_pooled)(x, t)
+    torch.testing.assert_close(out, denoiser(x, t, context, mask, pooled=pooled), atol=0, rtol=0)
+    assert denoiser.calls == [2, 2]
+
+
+@pytest.mark.parametrize("scale", [0.0, 4.0])
+def test_guidance_with_pooled_pairs_each_half_with_its_pooled_embedding(scale):
+    x, t, context, mask, uncond, umask = guidance_inputs()
+    pooled, uncond_pooled = pooled_inputs()
+    denoiser = PooledToyDenoiser()
+    out = guided_model_fn(denoiser, context, mask, uncond, umask, scale, pooled=pooled, uncond_pooled=uncond_pooled)(x, t)
+    assert denoiser.calls == [4]  # still one batched call
+    cond = denoiser(x, t, context, mask, pooled=pooled)
+    unc = denoiser(x, t, uncond.expand(2, -1, -1), umask.expand(2, -1), pooled=uncond_pooled.expand(2, -1))
+    torch.testing.assert_close(out, unc + scale * (cond - unc), atol=1e-6, rtol=1e-6)
+
+
+def test_guidance_pooled_errors_teach():
+    _, _, context, mask, uncond, umask = guidance_inputs()
+    pooled, uncond_pooled = pooled_inputs()
+    with pytest.raises(ValueError, match="both pooled and uncond_pooled"):
+        guided_model_fn(PooledToyDenoiser(), context, mask, uncond, umask, 2.0, pooled=pooled)
+    with pytest.raises(ValueError, match=r"pooled must be \(2, E\)"):
+        guided_model_fn(PooledToyDenoiser(), context, mask, uncond, umask, 2.0, pooled=pooled[:1], uncond_pooled=uncond_pooled)
+    with pytest.raises(ValueError, match=r"uncond_pooled must be \(1, 6\) or \(2, 6\)"):
+        guided_model_fn(PooledToyDenoiser(), context, mask, uncond, umask, 2.0, pooled=pooled, uncond_pooled=uncond_pooled[:, :5])

@@ -373,3 +373,49 @@ def test_ddp_two_cpu_processes_match_one(toy, tmp_path, monkeypatch):
     for name in ("unet.safetensors", "ema.safetensors"):
         assert_same_weights(Path(single.run_dir) / final / name, Path(ddp.run_dir) / final / name, atol=1e-5)
     assert_same_weights(Path(single.checkpoint) / "unet.safetensors", Path(ddp.checkpoint) / "unet.safetensors", atol=1e-5)
+
+
+# ---- global text conditioning ---------------------------------------------------------------
+
+
+def test_pooled_conditioning_feeds_each_samples_pooled_embedding_and_drops_it_with_the_caption(toy, tmp_path, monkeypatch):
+    import tasks.train as train_module
+    from tasks.embed import load_embeddings, read_manifest
+
+    dataset, embeddings = toy
+    pooled_dim = read_manifest(embeddings.path)["pooled_dim"]
+    assert resolve_unet_config(tiny(), embeddings).pooled_dim == pooled_dim  # on by default
+    assert resolve_unet_config(tiny(pooled_conditioning=False), embeddings).pooled_dim is None
+    with pytest.raises(TrainingError, match="pooled_conditioning is false"):
+        resolve_unet_config(tiny(pooled_conditioning=False, unet={**tiny().unet, "pooled_dim": pooled_dim}), embeddings)
+    with pytest.raises(TrainingError, match="remove pooled_dim"):
+        resolve_unet_config(tiny(unet={**tiny().unet, "pooled_dim": pooled_dim + 1}), embeddings)
+
+    emb = load_embeddings(embeddings, "train")
+    pooled_of = {tuple(p.tolist()) for p in emb.pooled.float()}
+    uncond_pooled = emb.uncond_pooled.float()[0]
+    real_loss = train_module.diffusion_loss
+    seen = []
+
+    def spy(model, schedule, x0, eps, t, context, context_mask, *args):
+        seen.append((context_mask.clone(), args[-1].clone()))
+        return real_loss(model, schedule, x0, eps, t, context, context_mask, *args)
+
+    monkeypatch.setattr(train_module, "diffusion_loss", spy)
+    cfg = tiny(steps=6, caption_dropout=0.5, checkpoint_every=6)
+    result = train_model(dataset, embeddings, cfg, run_dir=tmp_path / "run", mlflow_experiment=None, progress=False)
+    n_dropped = 0
+    for mask, pooled in seen:
+        assert pooled.shape == (cfg.batch_size, pooled_dim)
+        dropped = (mask == emb.uncond_mask).all(dim=1)  # the empty caption's mask: this sample was dropped
+        for row, was_dropped in zip(pooled, dropped):
+            if was_dropped:
+                torch.testing.assert_close(row, uncond_pooled)
+                n_dropped += 1
+            else:
+                assert tuple(row.tolist()) in pooled_of
+    assert 0 < n_dropped < len(seen) * cfg.batch_size
+
+    pipe = TextToImage.load(result.checkpoint)  # the published model takes the pooled embedding too
+    assert pipe.unet.config.pooled_dim == pooled_dim
+    assert pipe(["a red circle"], seed=0, steps=2)[0].size == (8, 8)

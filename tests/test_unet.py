@@ -239,3 +239,64 @@ def test_bad_inputs_are_rejected_with_a_reason():
         model(x, t, context, torch.ones(2, 5))
     with pytest.raises(ValueError, match="context_mask must be"):
         model(x, t, context, torch.ones(2, 4, dtype=torch.bool))
+
+
+# ---- global text conditioning: the pooled caption embedding -------------------------------
+
+POOLED_DIM = 12
+POOLED = UNetConfig(channels=(8, 16), attention_levels=(False, True), layers_per_block=1, head_dim=8,
+                    norm_groups=4, context_dim=CTX_DIM, pooled_dim=POOLED_DIM)
+
+
+def pooled_inputs(B: int = 2, seed: int = 2) -> torch.Tensor:
+    return torch.randn(B, POOLED_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def test_pooled_dim_none_is_the_plain_model():
+    # backward compatible: same parameter names as before, no pooled MLP
+    keys = set(UNet(SMALLEST).state_dict())
+    assert not any(k.startswith("pooled_embed") for k in keys)
+    with_pooled = set(UNet(UNetConfig(**{**SMALLEST.to_dict(), "pooled_dim": POOLED_DIM})).state_dict())
+    assert with_pooled - keys == {f"pooled_embed.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+
+
+def test_output_depends_on_the_pooled_embedding():
+    model = randomized(POOLED)
+    x, t, context = inputs(POOLED)
+    pooled = pooled_inputs()
+    with torch.no_grad():
+        a = model(x, t, context, pooled=pooled)
+        b = model(x, t, context, pooled=pooled_inputs(seed=3))
+        assert (a - b).abs().max() > 1e-3
+        # sample i depends on pooled[i] only
+        torch.testing.assert_close(model(x[:1], t[:1], context[:1], pooled=pooled[:1]), a[:1], atol=1e-5, rtol=1e-4)
+
+
+def test_gradients_reach_the_pooled_projection():
+    torch.manual_seed(0)
+    model = UNet(POOLED).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, t, context = inputs(POOLED, B=4)
+    pooled = pooled_inputs(B=4)
+    reached = {name: False for name, _ in model.named_parameters()}
+    for _ in range(3):  # zero-initialised layers pass gradient on only once they have moved
+        opt.zero_grad()
+        (model(x, t, context, pooled=pooled) - torch.randn_like(x)).pow(2).mean().backward()
+        for name, p in model.named_parameters():
+            reached[name] |= p.grad is not None and bool(p.grad.abs().sum() > 0)
+        opt.step()
+    assert all(reached.values()), [n for n, r in reached.items() if not r]
+    assert any(n.startswith("pooled_embed") for n in reached)
+
+
+def test_pooled_input_errors_teach():
+    model = UNet(POOLED)
+    x, t, context = inputs(POOLED)
+    with pytest.raises(ValueError, match=r"conditioned on the pooled caption embedding .*pooled_dim=12.*pass pooled"):
+        model(x, t, context)
+    with pytest.raises(ValueError, match=r"pooled must be \(B, E\) = \(2, 12\)"):
+        model(x, t, context, pooled=torch.randn(2, 13))
+    with pytest.raises(ValueError, match="pooled_dim is None"):
+        UNet(SMALLEST)(x, t, context, pooled=torch.randn(2, 12))
+    with pytest.raises(ValueError, match="pooled_dim must be a positive int"):
+        UNetConfig(pooled_dim=0)
