@@ -59,6 +59,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
+from models.checkpoint import fsync_dir
 from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding
 from tasks.contracts import DatasetVersion, EmbeddingSet
 from tasks.settings import get_settings
@@ -475,7 +476,7 @@ def _build_and_publish(
             if (final / MANIFEST_NAME).is_file():  # a concurrent run published the same set first
                 return
             raise
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing left after a successful rename
 
@@ -694,20 +695,6 @@ def _write_json_durable(path: Path, obj: Any) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename lives in the directory entry; flush it too (POSIX only).
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _host() -> str:

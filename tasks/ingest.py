@@ -52,6 +52,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
+from models.checkpoint import fsync_dir
 from tasks.contracts import DatasetVersion
 from tasks.image_io import (
     IMAGE_EXTENSIONS,
@@ -203,7 +204,7 @@ def ingest_dataset(
             if (final / MANIFEST_NAME).is_file():  # a concurrent run published the same version first
                 return load_dataset_version(final)
             raise
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing left after a successful rename
     log.info("published %s: %s", final, counts)
@@ -797,18 +798,4 @@ def _fsync_tree(root: Path) -> None:
         for file_name in filenames:
             with open(os.path.join(dirpath, file_name), "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename lives in the directory entry; flush it too (POSIX only).
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        fsync_dir(Path(dirpath))

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
-from models.checkpoint import load_state, load_weights, save_state, save_weights, write_json_atomic
+from models.checkpoint import fsync_dir, load_state, load_weights, save_state, save_weights, write_json_atomic
 from models.ema import EMA
 from models.schedule import NoiseSchedule, ScheduleConfig
 from models.unet import UNet, UNetConfig
@@ -845,18 +845,9 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # ---- RNG, devices, signals ----------------------------------------------------------------
