@@ -4,11 +4,14 @@ Both models get the same widths, depths, attention levels, head size, cross-atte
 batch, caption length and mask, optimizer (AdamW, fused on CUDA), precision and memory
 format; each trains `--steps` timed steps of random data after `--warmup` untimed ones.
 Prints one JSON line: images/s, step time, peak memory, model FLOPs per step and model FLOP
-utilisation (MFU) for each, and `speedup` = project images/s / diffusers images/s.
+utilisation (MFU) for each, and `speedup` = project images/s / diffusers images/s in the same
+mode. With `--modes eager,compiled` each model runs both ways in the one process, and
+`speedup_compiled_vs_diffusers_eager` compares the project as its GPU presets train it
+(`torch.compile` on) with diffusers as it runs out of the box.
 
     python benchmarks/train.py                                             # CPU, toy size
     python benchmarks/train.py --device cuda --resolution 64 --channels 128,256,384,512 \
-        --attention 0,1,1,1 --batch 128 --precision bf16 --compile
+        --attention 0,1,1,1 --batch 128 --precision bf16 --modes eager,compiled
 
 Imports only torch, the project's `models` package and diffusers (no prefect, no mlflow).
 """
@@ -54,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, 10 with --compile)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="same as --modes compiled")
+    p.add_argument("--modes", default=None, help="eager, compiled or both comma-separated (default: eager)")
     p.add_argument("--channels-last", type=int, choices=[0, 1], default=None, help="default: on for CUDA")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s of the device in TFLOP/s, for MFU")
@@ -133,7 +137,7 @@ def make_batch(args, cfg: UNetConfig, device: torch.device, generator: torch.Gen
     return x, t, context, mask, target
 
 
-def bench_model(name: str, model: torch.nn.Module, args, cfg: UNetConfig, device: torch.device) -> dict:
+def bench_model(name: str, model: torch.nn.Module, args, cfg: UNetConfig, device: torch.device, compiled: bool) -> dict:
     amp = torch.bfloat16 if args.precision == "bf16" else None
     channels_last = args.channels_last
     model = model.to(device)
@@ -142,7 +146,7 @@ def bench_model(name: str, model: torch.nn.Module, args, cfg: UNetConfig, device
     params = sum(p.numel() for p in model.parameters())
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda or None, foreach=None if cuda else True)
-    step_model = torch.compile(model) if args.compile else model
+    step_model = torch.compile(model) if compiled else model
     x, t, context, mask, target = make_batch(args, cfg, device, torch.Generator().manual_seed(0))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -156,7 +160,7 @@ def bench_model(name: str, model: torch.nn.Module, args, cfg: UNetConfig, device
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    warmup = args.warmup if args.warmup is not None else (10 if args.compile else 3)
+    warmup = args.warmup if args.warmup is not None else (10 if compiled else 3)
     for _ in range(warmup):
         step()
     flops = count_flops(model, x, t, context, mask, target, amp, device)
@@ -231,21 +235,27 @@ def main(argv: list[str] | None = None) -> dict:
     if args.resolution % cfg.downsample_factor:
         raise SystemExit(f"--resolution {args.resolution} must be divisible by {cfg.downsample_factor}")
 
-    results = {}
+    modes = [m.strip() for m in (args.modes or ("compiled" if args.compile else "eager")).split(",")]
+    if not modes or any(m not in ("eager", "compiled") for m in modes):
+        raise SystemExit(f"--modes takes eager and/or compiled, got {args.modes!r}")
+    results: dict[str, dict] = {}
     builders = {
         "project": lambda: build_project(cfg),
         "diffusers": lambda: _DiffusersAdapter(build_diffusers(cfg, args.resolution)),
     }
-    for name, build in builders.items():
-        if args.only and name != args.only:
-            continue
-        torch.manual_seed(0)
-        results[name] = bench_model(name, build(), args, cfg, device)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if args.compile:
-            torch._dynamo.reset()
+    for mode in modes:
+        for name, build in builders.items():
+            if args.only and name != args.only:
+                continue
+            torch.manual_seed(0)
+            key = name if len(modes) == 1 else f"{name}_{mode}"
+            results[key] = bench_model(name, build(), args, cfg, device, compiled=mode == "compiled")
+            print(f"# {key}: {results[key]['images_per_s']} images/s", file=sys.stderr, flush=True)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if mode == "compiled":
+                torch._dynamo.reset()
 
     out = {
         "benchmark": "train",
@@ -260,14 +270,23 @@ def main(argv: list[str] | None = None) -> dict:
             "context": [args.context_len, cfg.context_dim],
             "batch": args.batch,
             "precision": args.precision,
-            "compile": args.compile,
+            "modes": modes,
             "channels_last": args.channels_last,
             "steps": args.steps,
         },
         **results,
     }
-    if "project" in results and "diffusers" in results:
-        out["speedup"] = round(results["project"]["images_per_s"] / results["diffusers"]["images_per_s"], 3)
+    def ratio(a: str, b: str) -> float | None:
+        if a in results and b in results:
+            return round(results[a]["images_per_s"] / results[b]["images_per_s"], 3)
+        return None
+
+    if len(modes) == 1:
+        out["speedup"] = ratio("project", "diffusers")
+    else:
+        for mode in modes:
+            out[f"speedup_{mode}"] = ratio(f"project_{mode}", f"diffusers_{mode}")
+        out["speedup_compiled_vs_diffusers_eager"] = ratio("project_compiled", "diffusers_eager")
     print(json.dumps(out), flush=True)
     return out
 

@@ -60,7 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from models.checkpoint import fsync_dir
-from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding
+from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizerPool
 from tasks.contracts import DatasetVersion, EmbeddingSet
 from tasks.settings import get_settings
 
@@ -80,6 +80,7 @@ UNCOND_CAPTION = ""  # classifier-free guidance drops captions to this
 TOKENS_DTYPE = np.dtype("<f2")
 EMBED_DTYPE = np.dtype("<f4")
 _ROWS_PER_READ = 65536
+TOKENIZE_CHUNK = 2048  # captions per tokenizer-worker task
 _PARTIAL = ".partial-"
 
 ROW_SCHEMA = pa.schema([("id", pa.string()), ("caption_id", pa.string())])
@@ -104,6 +105,12 @@ class EmbedConfig(BaseModel):
         65536, ge=1, description="distinct captions per Parquet shard; length sorting and memory are per shard"
     )
     duckdb_memory_limit: str = Field("1GB", description="the distinct-caption pass spills to disk beyond this")
+    tokenize_workers: int | None = Field(
+        None,
+        ge=0,
+        description="processes that tokenize captions beside the encoder; None: up to 8 spare cores on a GPU, "
+        "0 on the CPU (the encoder uses the cores there)",
+    )
 
     @field_validator("encoder")
     @classmethod
@@ -113,6 +120,11 @@ class EmbedConfig(BaseModel):
 
     def text_encoder_config(self) -> TextEncoderConfig:
         return TextEncoderConfig.from_dict(self.encoder)
+
+    def resolved_tokenize_workers(self, device: torch.device) -> int:
+        if self.tokenize_workers is not None:
+            return self.tokenize_workers
+        return min(8, max(0, (os.cpu_count() or 1) - 2)) if device.type == "cuda" else 0
 
 
 @dataclass
@@ -328,13 +340,15 @@ def write_caption_shard(
     path: Path,
     batch_size: int,
     on_batch: Callable[[int], object] | None = None,
+    tokenize: Callable[[Sequence[str]], torch.Tensor] | None = None,
 ) -> int:
     """Encode distinct `captions` in batches of similar token length and write one shard.
 
     Returns the longest token count. Batches go longest first, so a batch size too big
-    for the device fails on the first batch rather than the last.
+    for the device fails on the first batch rather than the last. `tokenize` (a
+    `TokenizerPool`) replaces `encoder.tokenize`, with the same ids.
     """
-    text = encoder.tokenize(list(captions))  # (n, C), truncated as open_clip does
+    text = (tokenize or encoder.tokenize)(list(captions))  # (n, C), truncated as open_clip does
     lengths = _token_lengths(encoder, text)  # (n,)
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
     schema = caption_schema(encoder.width, encoder.pooled_dim)
@@ -527,10 +541,16 @@ def _write_caption_shards(
         [(n,)] = con.execute("SELECT count(*) FROM captions").fetchall()
         reader = con.sql("SELECT caption FROM captions ORDER BY caption").to_arrow_reader(config.captions_per_shard)
         names, longest = [], 0
-        with tqdm(total=n, unit="caption", desc=f"embed {dataset.name}", disable=not progress) as bar:
+        chunks = -(-n // TOKENIZE_CHUNK)  # a pool pays off only with chunks to share out
+        workers = min(config.resolved_tokenize_workers(encoder.device), chunks) if chunks > 1 else 0
+        with (
+            tqdm(total=n, unit="caption", desc=f"embed {dataset.name}", disable=not progress) as bar,
+            TokenizerPool(encoder, workers, TOKENIZE_CHUNK) as tokenize,
+        ):
             for k, chunk in enumerate(reader):
                 name = f"captions/part-{k:05d}.parquet"
-                n_tok = write_caption_shard(encoder, chunk.column(0).to_pylist(), out / name, config.batch_size, bar.update)
+                captions = chunk.column(0).to_pylist()
+                n_tok = write_caption_shard(encoder, captions, out / name, config.batch_size, bar.update, tokenize)
                 longest = max(longest, n_tok)
                 names.append(name)
     finally:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.checkpoint import UnsafeCheckpointError
-from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding
+from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizerPool
 
 TINY = "t2i-test-text-encoder-tiny"  # own name: conftest registers another tiny config
 TINY_CFG = {
@@ -166,6 +166,21 @@ def test_long_caption_truncated_like_open_clip():
     out = enc.encode([caption])
     assert out.lengths.tolist() == [enc.context_length] and out.mask.all()
     assert ids[0, -1] == open_clip.get_tokenizer(TINY).eot_token_id
+
+
+def test_tokenizer_pool_gives_the_serial_ids_in_order():
+    enc = _random()
+    long = "a small red circle next to a big blue square " * 20
+    captions = [f"caption {i} {'long ' * (i % 7)}" for i in range(23)] + [long, "", "naïve café ½"]
+    with TokenizerPool(enc, workers=2, chunk_size=4) as pool:
+        ids = pool(captions)  # 7 chunks over 2 workers
+        assert ids.dtype == torch.long
+        assert torch.equal(ids, enc.tokenize(captions))
+        assert torch.equal(pool(captions[:3]), enc.tokenize(captions[:3]))  # one chunk: serial
+    with pytest.raises(TypeError, match="list of str"):
+        TokenizerPool(enc, workers=0)([b"bytes"])
+    with pytest.raises(ValueError, match="workers"):
+        TokenizerPool(enc, workers=-1)
 
 
 def test_encode_images():
