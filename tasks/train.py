@@ -33,10 +33,12 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -78,7 +80,7 @@ INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process
 
 # Fields that change how a run is observed, not what it computes: left out of the run key so
 # that e.g. checkpointing more often or adding processes still resumes the same run.
-_BOOKKEEPING_FIELDS = {"log_every", "checkpoint_every", "keep_last", "sample_every", "nproc"}
+_BOOKKEEPING_FIELDS = {"log_every", "checkpoint_every", "keep_last", "sample_every", "nproc", "nnodes", "rdzv_endpoint", "rdzv_id"}
 
 
 class TrainConfig(BaseModel):
@@ -124,7 +126,16 @@ class TrainConfig(BaseModel):
     channels_last: bool | None = Field(None, description="None: on CUDA")
     device: str | None = Field(None, description="None: cuda if available, else cpu")
     seed: int = 0
-    nproc: PositiveInt = Field(1, description="processes (GPUs); > 1 launches torchrun with DDP")
+    nproc: PositiveInt = Field(1, description="processes (GPUs) per machine; > 1 launches torchrun with DDP")
+    nnodes: PositiveInt | None = Field(
+        None,
+        description="machines, each running this same task on shared storage; > 1 joins a torchrun rendezvous at "
+        "rdzv_endpoint. None: $PET_NNODES (the Kubernetes job template sets it), else 1",
+    )
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port of the c10d rendezvous when nnodes > 1; None: $PET_RDZV_ENDPOINT"
+    )
+    rdzv_id: str | None = Field(None, description="rendezvous id the machines share; None: the run key")
 
     log_every: PositiveInt = 50
     checkpoint_every: PositiveInt = 1000
@@ -155,11 +166,11 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        per_step = self.grad_accum * self.nproc
+        per_step = self.grad_accum * self.nproc * (self.nnodes or 1)
         if self.batch_size % per_step:
             raise ValueError(
-                f"batch_size {self.batch_size} must be divisible by grad_accum * nproc = {per_step} "
-                "(each process runs batch_size / (grad_accum * nproc) images per micro-batch)"
+                f"batch_size {self.batch_size} must be divisible by grad_accum * nproc * nnodes = {per_step} "
+                "(each process runs batch_size / (grad_accum * world size) images per micro-batch)"
             )
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps {self.warmup_steps} exceeds steps {self.steps}")
@@ -196,11 +207,14 @@ def train_model(
     run_dir: Path | None = None,
     mlflow_experiment: str | None = "t2i",
     progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train (or resume, or return the finished run of) the UNet for this dataset + encoder + config.
 
-    `mlflow_experiment=None` turns tracking off. With `config.nproc > 1` this launches
-    `torchrun` and returns what its rank 0 wrote."""
+    `mlflow_experiment=None` turns tracking off. `on_progress(step, total)` is called when the loop
+    starts (at the resumed step) and at every log step, never in between (no extra host syncs); it
+    is not called under `torchrun` (`config.nproc > 1`), which launches processes of its own and
+    returns what its rank 0 wrote."""
     check_pair(dataset, embeddings)
     _check_resolution(dataset, config)
     unet_config = resolve_unet_config(config, embeddings)
@@ -212,10 +226,10 @@ def train_model(
         log.info("run %s already finished at step %d; returning it", key, finished.step)
         return finished
 
-    if config.nproc > 1 and _world_size() == 1:
-        return _launch_torchrun(dataset, embeddings, config, run_dir, mlflow_experiment, progress)
+    if (config.nproc > 1 or resolved_nnodes(config) > 1) and _world_size() == 1:
+        return _launch_torchrun(dataset, embeddings, config, run_dir, key, mlflow_experiment, progress)
 
-    trainer = _Trainer(dataset, embeddings, config, unet_config, key, run_dir, mlflow_experiment, progress)
+    trainer = _Trainer(dataset, embeddings, config, unet_config, key, run_dir, mlflow_experiment, progress, on_progress)
     return trainer.run()
 
 
@@ -241,8 +255,35 @@ def train_task(
     mlflow_experiment: str | None = "t2i",
 ) -> TrainResult:
     """Prefect wrapper. No result caching: a retry re-enters `train_model`, which resumes from
-    the last checkpoint of the same run key (or returns the finished run)."""
-    return train_model(dataset, embeddings, config, mlflow_experiment=mlflow_experiment, progress=False)
+    the last checkpoint of the same run key (or returns the finished run). Keeps a Prefect
+    progress artifact, `train-progress`, at the last logged step."""
+    return train_model(
+        dataset, embeddings, config, mlflow_experiment=mlflow_experiment, progress=False, on_progress=_progress_artifact()
+    )
+
+
+def _progress_artifact(key: str = "train-progress") -> Callable[[int, int], None] | None:
+    """An `on_progress` callback that creates, then updates, a Prefect progress artifact; None
+    outside a Prefect task run. A failing Prefect API costs a warning, never the training run."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.context import TaskRunContext
+
+    if TaskRunContext.get() is None:
+        return None
+    artifact_id = None
+
+    def report(step: int, total: int) -> None:
+        nonlocal artifact_id
+        percent = 100.0 * step / total
+        try:
+            if artifact_id is None:
+                artifact_id = create_progress_artifact(percent, key=key, description=f"training step {step} of {total}")
+            else:
+                update_progress_artifact(artifact_id, percent, description=f"training step {step} of {total}")
+        except Exception as exc:
+            log.warning("could not update the training progress artifact: %s: %s", type(exc).__name__, exc)
+
+    return report
 
 
 def resolve_unet_config(config: TrainConfig, embeddings: EmbeddingSet) -> UNetConfig:
@@ -341,13 +382,23 @@ class _Trainer:
         run_dir: Path,
         mlflow_experiment: str | None,
         progress: bool,
+        on_progress: Callable[[int, int], None] | None = None,
     ):
         self.dataset, self.embeddings, self.config = dataset, embeddings, config
         self.unet_config, self.key, self.run_dir = unet_config, key, run_dir
         self.mlflow_experiment, self.progress = mlflow_experiment, progress
         self.dist = _Dist(int(os.environ.get("RANK", 0)), _world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-        if self.dist.world != config.nproc:
-            raise TrainingError(f"started with WORLD_SIZE={self.dist.world} but train.nproc is {config.nproc}")
+        self.on_progress = on_progress if self.dist.is_main else None
+        expected = config.nproc * resolved_nnodes(config)
+        if self.dist.world != expected:
+            raise TrainingError(
+                f"started with WORLD_SIZE={self.dist.world} but train.nproc * nnodes is {expected}"
+            )
+        if config.batch_size % (config.grad_accum * self.dist.world):  # nnodes from $PET_NNODES escapes the validator
+            raise TrainingError(
+                f"batch_size {config.batch_size} is not divisible by grad_accum * WORLD_SIZE = "
+                f"{config.grad_accum * self.dist.world}"
+            )
         self.device = _resolve_device(config.device, self.dist.local_rank)
         self.amp_dtype = _resolve_precision(config.precision, self.device)
         self.channels_last = config.channels_last if config.channels_last is not None else self.device.type == "cuda"
@@ -444,6 +495,8 @@ class _Trainer:
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         last_log_step, last_log_time = step, time.perf_counter()
         bar = _progress_bar(self.progress and self.dist.is_main, step, c.steps)
+        if self.on_progress is not None:
+            self.on_progress(step, c.steps)
         self.model.train()
 
         while step < c.steps:
@@ -579,6 +632,8 @@ class _Trainer:
             log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f img/s", step, self.config.steps,
                      metrics["loss"], metrics["lr"], metrics["grad_norm"], metrics["images_per_s"])
         self.tracker.log_metrics(step, metrics)
+        if self.on_progress is not None:
+            self.on_progress(step, self.config.steps)
 
     def _checkpoint(self, step: int) -> None:
         if self.dist.is_main:
@@ -989,17 +1044,48 @@ def _reduce_mean(values: torch.Tensor, d: _Dist) -> list[float]:
     return [float(v) for v in values.tolist()]
 
 
+def resolved_nnodes(config: TrainConfig) -> int:
+    """Machines in the run: `config.nnodes`, else $PET_NNODES (torchrun's own variable), else 1."""
+    if config.nnodes is not None:
+        return config.nnodes
+    raw = os.environ.get("PET_NNODES", "").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise TrainingError(f"PET_NNODES={raw!r}: expected a whole number of machines >= 1 (elastic ranges are not supported)")
+    return int(raw)
+
+
+def torchrun_command(config: TrainConfig, key: str) -> list[str]:
+    """`python -m torch.distributed.run` and its topology flags, up to the module to run.
+
+    One machine: `--standalone` (a local rendezvous). Several: every machine runs the same
+    command and they meet at the c10d rendezvous `rdzv_endpoint` under one id (the run key
+    unless set), so the same task started on each node of a Kubernetes job forms one world.
+    """
+    nnodes = resolved_nnodes(config)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={config.nproc}", f"--nnodes={nnodes}"]
+    if nnodes == 1:
+        return [*cmd, "--standalone"]
+    endpoint = config.rdzv_endpoint or os.environ.get("PET_RDZV_ENDPOINT", "").strip()
+    if not endpoint:
+        raise TrainingError(
+            f"train.nnodes is {nnodes} but no rendezvous endpoint is set: set train.rdzv_endpoint (or "
+            "$PET_RDZV_ENDPOINT) to host:port of a machine every node can reach, e.g. the first node's address"
+        )
+    return [*cmd, "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={config.rdzv_id or key}"]
+
+
 def _launch_torchrun(
     dataset: DatasetVersion,
     embeddings: EmbeddingSet,
     config: TrainConfig,
     run_dir: Path,
+    key: str,
     mlflow_experiment: str | None,
     progress: bool,
 ) -> TrainResult:
-    """Run this module under `torchrun --nproc-per-node=config.nproc` and return rank 0's result."""
+    """Run this module under torchrun (see `torchrun_command`) and return rank 0's result."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec = run_dir / f".launch-{os.getpid()}.json"
+    spec = run_dir / f".launch-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}.json"
     write_json_atomic(
         spec,
         {
@@ -1008,10 +1094,7 @@ def _launch_torchrun(
             "config": config.model_dump(mode="json"),
         },
     )
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.nproc}",
-        "-m", "tasks.train", "--spec", str(spec), "--run-dir", str(run_dir),
-    ]
+    cmd = [*torchrun_command(config, key), "-m", "tasks.train", "--spec", str(spec), "--run-dir", str(run_dir)]
     cmd += ["--experiment", mlflow_experiment] if mlflow_experiment else ["--no-mlflow"]
     if not progress:
         cmd.append("--no-progress")
@@ -1021,8 +1104,11 @@ def _launch_torchrun(
     finally:
         spec.unlink(missing_ok=True)
     if proc.returncode != 0:
-        raise TrainingError(f"torchrun with {config.nproc} processes exited with code {proc.returncode}; see its output above")
-    result = _finished_result(run_dir, run_key(dataset, embeddings, config, resolve_unet_config(config, embeddings)))
+        raise TrainingError(
+            f"torchrun ({config.nproc} processes x {resolved_nnodes(config)} machines) exited with code "
+            f"{proc.returncode}; see its output above"
+        )
+    result = _finished_result(run_dir, key)
     if result is None:
         raise TrainingError(f"torchrun finished but {run_dir / RESULT_FILE} was not written")
     return result

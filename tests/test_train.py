@@ -8,10 +8,12 @@ that get killed are real subprocesses running `tasks.train`'s command line.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -373,6 +375,45 @@ def test_ddp_two_cpu_processes_match_one(toy, tmp_path, monkeypatch):
     for name in ("unet.safetensors", "ema.safetensors"):
         assert_same_weights(Path(single.run_dir) / final / name, Path(ddp.run_dir) / final / name, atol=1e-5)
     assert_same_weights(Path(single.checkpoint) / "unet.safetensors", Path(ddp.checkpoint) / "unet.safetensors", atol=1e-5)
+
+    # Two "machines" (one process each) meeting at a c10d rendezvous, as the nodes of a
+    # multi-node job do: each runs the same task on shared storage; the world is the same 2.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nodes = tiny(nproc=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}")
+    with ThreadPoolExecutor(2) as pool:
+        futures = [
+            pool.submit(train_model, dataset, embeddings, nodes, run_dir=tmp_path / "nodes", mlflow_experiment=None, progress=False)
+            for _ in range(2)
+        ]
+        results = [f.result(timeout=300) for f in futures]
+    assert results[0] == results[1] and results[0].step == 2 * N
+    assert losses(Path(results[0].run_dir)) == pytest.approx(one, abs=1e-5)
+    assert_same_weights(Path(single.checkpoint) / "unet.safetensors", Path(results[0].checkpoint) / "unet.safetensors", atol=1e-5)
+
+
+def test_torchrun_topology(monkeypatch):
+    from tasks.train import torchrun_command
+
+    monkeypatch.delenv("PET_NNODES", raising=False)
+    monkeypatch.delenv("PET_RDZV_ENDPOINT", raising=False)
+    cmd = torchrun_command(tiny(nproc=2), "key1")
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", "--standalone"]
+    cmd = torchrun_command(tiny(nnodes=2, rdzv_endpoint="10.0.0.5:29400"), "key1")
+    assert cmd[-3:] == ["--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.5:29400", "--rdzv-id=key1"]
+    with pytest.raises(TrainingError, match="rdzv_endpoint"):
+        torchrun_command(tiny(nnodes=2), "key1")
+    # the Kubernetes job template's variables, torchrun's own names
+    monkeypatch.setenv("PET_NNODES", "3")
+    monkeypatch.setenv("PET_RDZV_ENDPOINT", "head:29400")
+    assert torchrun_command(tiny(batch_size=6), "k")[4:] == ["--nnodes=3", "--rdzv-backend=c10d", "--rdzv-endpoint=head:29400", "--rdzv-id=k"]
+    assert torchrun_command(tiny(nnodes=1), "k")[-1] == "--standalone"  # the config wins over the environment
+    monkeypatch.setenv("PET_NNODES", "1:4")
+    with pytest.raises(TrainingError, match="elastic"):
+        torchrun_command(tiny(), "k")
+    with pytest.raises(ValueError, match="nproc \\* nnodes"):
+        tiny(batch_size=6, nproc=2, nnodes=2)
 
 
 # ---- global text conditioning ---------------------------------------------------------------
