@@ -6,14 +6,28 @@ Flow bodies only sequence tasks and pass descriptors (tasks/contracts.py); all w
 lives in `tasks/`. Parameters are pydantic models with titles and descriptions, so
 the Prefect UI renders a typed form for a deployment of `text_to_image_pipeline`.
 
+Every stage task runs under STAGE_POLICIES (retries with exponential backoff and jitter,
+a timeout); a stage that fails for good ends the run Failed with a message naming the
+stage and the cause. Each stage publishes atomically, so a failed run leaves no partial
+dataset, embedding set or registered version behind. What a run produced is shown as
+Prefect artifacts (flows/artifacts.py).
+
     python -m flows.pipeline            # the cpu-demo preset, Prefect's ephemeral API
 """
 
 from __future__ import annotations
 
-from prefect import flow
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from prefect import Task, flow
+from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.artifacts import publish_dataset, publish_grid, publish_registry, publish_training
 from tasks.contracts import DatasetVersion, EmbeddingSet, EvalReport, RegisteredModel, TrainResult
 from tasks.embed import embed_task
 from tasks.evaluate import evaluate_task
@@ -49,7 +63,16 @@ class PipelineParams(BaseModel):
     )
     model_name: str | None = Field(None, title="Registered model name", description="MLflow registered model; empty: the preset's")
     overrides: list[str] = Field(
-        default_factory=list, title="Overrides", description="extra section.key=value settings, e.g. train.lr=0.001"
+        default_factory=list, title="Overrides", description="extra section.key=value settings, e.g. train.lr=0.001; the fields above win over these"
+    )
+    dask_address: str | None = Field(
+        None,
+        title="Dask scheduler",
+        description="tcp://host:8786 to run ingest's shards on; empty: T2I_DASK_ADDRESS, else a local process pool",
+    )
+    train_timeout_hours: float = Field(
+        24.0, title="Training timeout (hours)", gt=0,
+        description="a training attempt running longer is stopped and retried; the retry resumes from its last checkpoint",
     )
 
     def to_preset(self) -> Preset:
@@ -65,11 +88,71 @@ class PipelineParams(BaseModel):
             "register.model_name": self.model_name,
         }
         overrides = [f"{k}={_yaml_scalar(v)}" for k, v in mapped.items() if v is not None]
-        return load_preset(self.preset, overrides + list(self.overrides))
+        # The typed fields win over `overrides`: a UI form's field beats a deployment's --set.
+        return load_preset(self.preset, list(self.overrides) + overrides)
 
 
 def _yaml_scalar(value: object) -> str:
     return f"'{value}'" if isinstance(value, str) else str(value)
+
+
+# ---- how the flow runs a stage ------------------------------------------------------------------
+
+R = TypeVar("R")
+_HOUR = 3600.0
+
+
+@dataclass(frozen=True)
+class StagePolicy:
+    """Retries of a stage task, spaced by exponential backoff with jitter (retries of many runs
+    against one tracking server or object store spread out instead of arriving together), and a
+    timeout, so that a hung attempt fails and is retried instead of holding its worker forever.
+    Each stage is idempotent and publishes atomically, so a retry never sees half an output."""
+
+    retries: int
+    first_delay_s: float  # doubles with each further retry
+    timeout_s: float
+    jitter: float = 0.5  # a delay d becomes a random one in [0.63 d, 1.5 d], mean d (Prefect's clamped Poisson)
+
+    def apply(self, stage_task: Task[..., R], timeout_s: float | None = None) -> Task[..., R]:
+        return stage_task.with_options(
+            retries=self.retries,
+            retry_delay_seconds=exponential_backoff(backoff_factor=self.first_delay_s),
+            retry_jitter_factor=self.jitter,
+            timeout_seconds=timeout_s if timeout_s is not None else self.timeout_s,
+        )
+
+
+# Keyed by task name. Timeouts are generous upper bounds for the GPU presets (gpu-64px trains ~4.5 h);
+# training's comes from PipelineParams.train_timeout_hours. Prefect enforces them inside the process
+# (SIGALRM on the main thread): meant for hangs, since an attempt stopped in the middle of a first
+# import or of MLflow's database setup can leave that process unable to retry cleanly.
+STAGE_POLICIES: Mapping[str, StagePolicy] = MappingProxyType({
+    "shapes": StagePolicy(retries=1, first_delay_s=5, timeout_s=0.5 * _HOUR),
+    "ingest": StagePolicy(retries=2, first_delay_s=10, timeout_s=12 * _HOUR),
+    "embed": StagePolicy(retries=2, first_delay_s=10, timeout_s=6 * _HOUR),
+    "train": StagePolicy(retries=2, first_delay_s=10, timeout_s=24 * _HOUR),
+    "evaluate": StagePolicy(retries=2, first_delay_s=10, timeout_s=3 * _HOUR),
+    "register": StagePolicy(retries=2, first_delay_s=10, timeout_s=1 * _HOUR),
+})
+
+
+class StageFailed(RuntimeError):
+    """A stage failed for good (its retries spent, or a failure retrying cannot fix). The message,
+    which becomes the flow run's state message, names the stage and the cause."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}")
+        self.stage = stage
+
+
+def run_stage(stage_task: Task[..., R], *args: Any, timeout_s: float | None = None, **kwargs: Any) -> R:
+    """Call a stage task under its STAGE_POLICIES entry; its final failure is raised as StageFailed."""
+    policy = STAGE_POLICIES[stage_task.name]
+    try:
+        return policy.apply(stage_task, timeout_s)(*args, **kwargs)
+    except Exception as exc:
+        raise StageFailed(stage_task.name, exc) from exc
 
 
 class PipelineSummary(BaseModel):
@@ -84,8 +167,10 @@ class PipelineSummary(BaseModel):
 def ingest_flow(params: PipelineParams = PipelineParams()) -> DatasetVersion:
     """Sub-flow: the source (or the generated shapes set) to a published dataset version."""
     preset = params.to_preset()
-    source = params.source or shapes_task(preset.shapes)
-    return ingest_task(source, params.dataset_name, preset.ingest)
+    source = params.source or run_stage(shapes_task, preset.shapes)
+    dataset = run_stage(ingest_task, source, params.dataset_name, preset.ingest, dask_address=params.dask_address)
+    publish_dataset(dataset)
+    return dataset
 
 
 @flow(name="ingest-and-embed", log_prints=True)
@@ -93,7 +178,7 @@ def ingest_embed_flow(params: PipelineParams = PipelineParams()) -> EmbeddingSet
     """Sub-flow: ingest, then precompute the caption embeddings."""
     preset = params.to_preset()
     dataset = ingest_flow(params)
-    return embed_task(dataset, preset.embed)
+    return run_stage(embed_task, dataset, preset.embed)
 
 
 @flow(name="evaluate-and-register", log_prints=True)
@@ -102,20 +187,28 @@ def evaluate_register_flow(
 ) -> RegisteredModel:
     """Sub-flow: evaluate an existing training run and register it (champion only if the gate passes)."""
     preset = params.to_preset()
-    report = evaluate_task(train, dataset, preset.evaluate, model_name=preset.register.model_name)
-    return register_task(train, report, preset.register)
+    report = run_stage(evaluate_task, train, dataset, preset.evaluate, model_name=preset.register.model_name)
+    publish_grid(report)
+    registered = run_stage(register_task, train, report, preset.register)
+    publish_registry(registered, report)
+    return registered
 
 
 @flow(name="text-to-image-pipeline", log_prints=True)
 def text_to_image_pipeline(params: PipelineParams = PipelineParams()) -> PipelineSummary:
     """Caption source -> dataset version -> embeddings -> trained UNet -> evaluation -> registry."""
     preset = params.to_preset()
-    source = params.source or shapes_task(preset.shapes)
-    dataset = ingest_task(source, params.dataset_name, preset.ingest)
-    embeddings = embed_task(dataset, preset.embed)
-    trained = train_task(dataset, embeddings, preset.train)
-    report = evaluate_task(trained, dataset, preset.evaluate, model_name=preset.register.model_name)
-    registered = register_task(trained, report, preset.register)
+    source = params.source or run_stage(shapes_task, preset.shapes)
+    dataset = run_stage(ingest_task, source, params.dataset_name, preset.ingest, dask_address=params.dask_address)
+    publish_dataset(dataset)
+    embeddings = run_stage(embed_task, dataset, preset.embed)
+    started = time.perf_counter()
+    trained = run_stage(train_task, dataset, embeddings, preset.train, timeout_s=params.train_timeout_hours * _HOUR)
+    publish_training(trained, wall_s=time.perf_counter() - started)
+    report = run_stage(evaluate_task, trained, dataset, preset.evaluate, model_name=preset.register.model_name)
+    publish_grid(report)
+    registered = run_stage(register_task, trained, report, preset.register)
+    publish_registry(registered, report)
     return PipelineSummary(dataset=dataset, embeddings=embeddings, train=trained, report=report, registered=registered)
 
 

@@ -41,3 +41,164 @@ def tiny_clip(tmp_path_factory) -> str:
     (cfg_dir / f"{TINY_CLIP_NAME}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
     open_clip.add_model_config(cfg_dir)
     return TINY_CLIP_NAME
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary Prefect API (its own SQLite database) shared by the flow tests of a session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def tiny_pipeline_params(tiny_clip):
+    """PipelineParams for the whole flow at toy size: 120 shapes at 8 px, 6 training steps
+    (checkpoints at 3 and 6), a 2-step evaluation; gate threshold 0, so the model becomes champion."""
+    from flows.pipeline import PipelineParams
+
+    return PipelineParams(
+        preset="cpu-demo",
+        model_name="t2i-e2e",
+        overrides=[
+            "shapes.n_images=120",
+            "shapes.resolution=16",
+            "ingest.resolution=8",
+            f"embed.encoder.model_name={tiny_clip}",
+            "embed.encoder.allow_random_init=true",
+            "embed.batch_size=64",
+            "train.steps=6",
+            "train.batch_size=8",
+            "train.warmup_steps=1",
+            "train.unet={channels: [16, 32], attention_levels: [false, true], layers_per_block: 1, norm_groups: 8, head_dim: 8}",
+            "train.checkpoint_every=3",
+            "train.sample_every=0",
+            "train.sample_captions=2",
+            "train.sample_steps=2",
+            "evaluate.steps=2",
+            "evaluate.seeds=[0]",
+            "evaluate.n_val_captions=1",
+            "evaluate.n_attribute_prompts=4",
+            "evaluate.n_fd_samples=4",
+            "evaluate.steps_table=false",
+            "evaluate.threshold=0.0",
+        ],
+    )
+
+
+# --- a private PostgreSQL cluster for the integration tests (tests/test_integration_pg.py) ------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def postgres_bindir():
+    """The directory holding initdb, pg_ctl and postgres: $T2I_TEST_PG_BINDIR, the PATH, or
+    Debian's /usr/lib/postgresql/<major>/bin (not on the PATH), newest major first; else None."""
+    import shutil
+    from pathlib import Path
+
+    candidates = [Path(os.environ["T2I_TEST_PG_BINDIR"])] if os.environ.get("T2I_TEST_PG_BINDIR") else []
+    if shutil.which("initdb"):
+        candidates.append(Path(shutil.which("initdb")).resolve().parent)
+    debian = Path("/usr/lib/postgresql").glob("*/bin")
+    candidates += sorted(debian, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True)
+    for bindir in candidates:
+        if all((bindir / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):
+            return bindir
+    return None
+
+
+class PostgresCluster:
+    """A running throw-away cluster: connection details and URLs of its databases."""
+
+    def __init__(self, port: int, user: str, password: str):
+        self.host, self.port, self.user, self.password = "127.0.0.1", port, user, password
+
+    def url(self, database: str, driver: str = "postgresql", with_password: bool = True) -> str:
+        auth = f"{self.user}:{self.password}" if with_password else self.user
+        return f"{driver}://{auth}@{self.host}:{self.port}/{database}"
+
+    def connect(self, database: str = "postgres"):
+        import psycopg2
+
+        return psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password, dbname=database)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL cluster on 127.0.0.1 and a free port, with the databases `mlflow` and
+    `prefect`, in a temporary directory removed afterwards.
+
+    Skips when no PostgreSQL server binaries are installed (`.ci/run` installs them). initdb and
+    postgres refuse to run as root, so under root they run as the `postgres` account, on a
+    directory it owns. Password authentication (a random password, made now) even on 127.0.0.1:
+    other local users cannot get in.
+    """
+    import pwd
+    import secrets
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found on the PATH, in "
+            "/usr/lib/postgresql/*/bin or in $T2I_TEST_PG_BINDIR: apt-get install postgresql"
+        )
+    run_as: dict = {}
+    # Not pytest's tmp_path: its tree is private to root (0700), where the postgres account cannot enter.
+    root = Path(tempfile.mkdtemp(prefix="t2i-pg-"))
+    if os.geteuid() == 0:
+        try:
+            account = pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(root)
+            pytest.fail("running as root needs a `postgres` account to run PostgreSQL as (Debian's package creates it)")
+        os.chown(root, account.pw_uid, account.pw_gid)
+        run_as = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+
+    def run(*args: str) -> None:
+        out = subprocess.run([str(bindir / args[0]), *args[1:]], cwd=root, capture_output=True, text=True, timeout=120,
+                             **run_as)  # fmt: skip
+        if out.returncode != 0:
+            log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
+            raise RuntimeError(f"{' '.join(args[:2])} failed ({out.returncode}):\n{out.stdout}{out.stderr}{log[-4000:]}")
+
+    user, password, port = "t2i", secrets.token_urlsafe(24), free_port()
+    pwfile = root / "pwfile"
+    pwfile.write_text(password + "\n")
+    if run_as:
+        os.chown(pwfile, run_as["user"], run_as["group"])
+    pwfile.chmod(0o600)
+    data = root / "data"
+    try:
+        run("initdb", "-D", str(data), "-U", user, f"--pwfile={pwfile}", "--auth=scram-sha-256",
+            "-E", "UTF8", "--locale=C", "--no-sync")  # fmt: skip
+        pwfile.unlink()
+        # durability off: a test cluster is thrown away, and fsyncs are most of its write time
+        options = (f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off "
+                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")  # fmt: skip
+        run("pg_ctl", "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "-t", "60", "start")
+        try:
+            cluster = PostgresCluster(port, user, password)
+            con = cluster.connect()
+            con.autocommit = True  # CREATE DATABASE cannot run in a transaction
+            with con.cursor() as cur:
+                for database in ("mlflow", "prefect"):
+                    cur.execute(f"CREATE DATABASE {database}")
+            con.close()
+            yield cluster
+        finally:
+            run("pg_ctl", "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,55 +1,32 @@
 """End to end: the whole Prefect flow on a tiny shapes set, under a temporary Prefect API."""
 
+import base64
+import json
+import re
 import time
+import warnings
+from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.testing.utilities import prefect_test_harness
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
-from flows.pipeline import PipelineParams, text_to_image_pipeline
+from flows import artifacts
+from flows.pipeline import text_to_image_pipeline
 from models.pipeline import TextToImage
+from tasks.contracts import EvalReport, RegisteredModel
 from tasks.settings import get_settings
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-def tiny_params(clip_name: str) -> PipelineParams:
-    return PipelineParams(
-        preset="cpu-demo",
-        model_name="t2i-e2e",
-        overrides=[
-            "shapes.n_images=120",
-            "shapes.resolution=16",
-            "ingest.resolution=8",
-            f"embed.encoder.model_name={clip_name}",
-            "embed.encoder.allow_random_init=true",
-            "embed.batch_size=64",
-            "train.steps=6",
-            "train.batch_size=8",
-            "train.warmup_steps=1",
-            "train.unet={channels: [16, 32], attention_levels: [false, true], layers_per_block: 1, norm_groups: 8, head_dim: 8}",
-            "train.checkpoint_every=3",
-            "train.sample_every=0",
-            "train.sample_captions=2",
-            "train.sample_steps=2",
-            "evaluate.steps=2",
-            "evaluate.seeds=[0]",
-            "evaluate.n_val_captions=1",
-            "evaluate.n_attribute_prompts=4",
-            "evaluate.n_fd_samples=4",
-            "evaluate.steps_table=false",
-            "evaluate.threshold=0.0",
-        ],
-    )
+def _mlflow_client() -> MlflowClient:
+    # registry_uri too: register sets MLflow's process-wide registry URI, which outlives a test
+    uri = get_settings().mlflow_tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _task_states(flow_run_id) -> dict[str, str]:
@@ -58,8 +35,18 @@ def _task_states(flow_run_id) -> dict[str, str]:
     return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
 
 
-def test_pipeline_registers_a_model_and_second_run_hits_the_cache(prefect_api, tiny_clip):
-    params = tiny_params(tiny_clip)
+def _artifacts(flow_run_id) -> dict[str, list]:
+    """The flow run's artifacts (its tasks' included) by key, oldest first."""
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_key: dict[str, list] = {}
+    for a in sorted(found, key=lambda a: a.created):
+        by_key.setdefault(a.key, []).append(a)
+    return by_key
+
+
+def test_pipeline_registers_a_model_and_second_run_hits_the_cache(prefect_api, tiny_pipeline_params):
+    params = tiny_pipeline_params
 
     started = time.perf_counter()
     state = text_to_image_pipeline(params, return_state=True)
@@ -71,7 +58,7 @@ def test_pipeline_registers_a_model_and_second_run_hits_the_cache(prefect_api, t
     registered = summary.registered
     assert registered.name == "t2i-e2e" and "candidate" in registered.aliases
     assert "champion" in registered.aliases  # threshold 0: the first model passes the gate
-    client = MlflowClient(tracking_uri=get_settings().mlflow_tracking_uri)
+    client = _mlflow_client()
     version = client.get_model_version_by_alias("t2i-e2e", "champion")
     assert version.tags["dataset_version"].endswith(summary.dataset.version)
     assert version.tags["encoder_id"] == summary.embeddings.encoder_id
@@ -86,6 +73,7 @@ def test_pipeline_registers_a_model_and_second_run_hits_the_cache(prefect_api, t
 
     states = _task_states(state.state_details.flow_run_id)
     assert states["ingest"] == "Completed" and states["embed"] == "Completed"
+    _check_artifacts(state.state_details.flow_run_id, summary)
 
     # unchanged inputs: ingest and embed come from the cache, train returns the finished run
     started = time.perf_counter()
@@ -97,3 +85,86 @@ def test_pipeline_registers_a_model_and_second_run_hits_the_cache(prefect_api, t
     assert second.result().dataset == summary.dataset
     assert second.result().train.run_dir == summary.train.run_dir
     assert second_s < first_s, (first_s, second_s)
+
+
+def _check_artifacts(flow_run_id, summary) -> None:
+    found = _artifacts(flow_run_id)
+
+    (table,) = found["dataset-shapes"]
+    rows = {(r["section"], r["statistic"]): r["value"] for r in json.loads(table.data)}
+    assert rows[("split", "train")] == summary.dataset.counts["train"] > 0
+    assert rows[("split", "val")] == summary.dataset.counts["val"]
+    assert rows[("rejects", "total")] == summary.dataset.counts["rejects"]
+    assert rows[("dataset", "inputs")] == 120 and rows[("dataset", "version")] == summary.dataset.version
+
+    (train,) = found["train-summary"]
+    assert f"| steps | {summary.train.step} |" in train.data and summary.train.checkpoint in train.data
+    assert f"`{summary.train.mlflow_run_id}`" in train.data  # sqlite tracking: the run id, no UI link
+    assert f"| final loss | {summary.train.metrics['loss']:.4g} |" in train.data
+
+    # progress: the train task's artifact ends at 100 (6 of 6 steps)
+    (progress,) = found["train-progress"]
+    assert progress.type == "progress" and progress.data == 100.0 and progress.task_run_id is not None
+
+    # the grid, inline as a PNG the UI can show, byte for byte the evaluation's grid file
+    (grid,) = found["sample-grid"]
+    encoded = re.search(r"!\[sample grid\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", grid.data).group(1)
+    assert base64.b64decode(encoded) == Path(summary.report.grid_path).read_bytes()
+    assert "sample-grid-image" not in found  # no http(s) tracking server to serve it
+
+    (registry,) = found["registry-t2i-e2e"]
+    assert summary.registered.uri in registry.data and "champion" in registry.data
+    (link,) = found["registry-t2i-e2e-link"]
+    # Prefect stores a link artifact as markdown; sqlite tracking has no UI, so it links the models:/ URI
+    assert link.data == f"[t2i-e2e v{summary.registered.version}](models:/t2i-e2e/{summary.registered.version})"
+
+
+def test_artifact_helpers_are_no_ops_outside_a_run(tmp_path):
+    report = EvalReport(grid_path=str(tmp_path / "grid.png"), metrics={}, primary_metric="m", threshold=0.0,
+                        passed=True, reason="")
+    registered = RegisteredModel(name="m", version="1", uri="models:/m/1", aliases=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Prefect warns about artifacts created outside a run
+        assert artifacts.publish_grid(report) is None
+        assert artifacts.publish_registry(registered) is None
+
+
+def test_a_failing_artifact_does_not_fail_the_run(prefect_api, monkeypatch, caplog):
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Prefect API unreachable")
+
+    monkeypatch.setattr(artifacts, "create_markdown_artifact", unreachable)
+    registered = RegisteredModel(name="m", version="1", uri="models:/m/1", aliases=["candidate"])
+
+    @flow
+    def publishes() -> str:
+        assert artifacts.publish_registry(registered) is None
+        return "done"
+
+    state = publishes(return_state=True)
+    assert state.is_completed() and state.result() == "done"
+    assert "could not publish the publish_registry artifact: ConnectionError" in caplog.text
+
+
+def test_mlflow_links_only_for_an_http_tracking_server():
+    assert artifacts.mlflow_model_version_url("t2i shapes", "3", "sqlite:///mlflow.db") is None
+    assert artifacts.mlflow_model_version_url("t2i shapes", "3", "http://mlflow:5000/") == (
+        "http://mlflow:5000/#/models/t2i%20shapes/versions/3"
+    )
+    assert artifacts.mlflow_run_url("abc", "https://mlflow.example") == "https://mlflow.example/#/runs/abc"
+    assert artifacts.mlflow_artifact_url("abc", "eval/k/grid.png", "http://m:5000") == (
+        "http://m:5000/get-artifact?path=eval%2Fk%2Fgrid.png&run_uuid=abc"
+    )
+    assert artifacts.artifact_key("registry", "T2I_Shapes v2") == "registry-t2i-shapes-v2"
+
+
+def test_typed_parameters_win_over_overrides():
+    from flows.pipeline import PipelineParams
+
+    params = PipelineParams(
+        steps=70, model_name="from-form", overrides=["train.steps=99", "register.model_name=from-set", "train.lr=0.01"]
+    )
+    preset = params.to_preset()
+    assert preset.train.steps == 70 and preset.register.model_name == "from-form"
+    assert preset.train.lr == 0.01  # an override with no typed field still applies
+    assert PipelineParams(overrides=["train.steps=99"]).to_preset().train.steps == 99
