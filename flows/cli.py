@@ -8,6 +8,7 @@
     t2i evaluate RUN_DIR DATASET_DIR
     t2i register RUN_DIR REPORT_JSON | t2i register --restore VERSION
     t2i sample "a red circle in the top left" --model models:/t2i-shapes@champion --out out.png
+    t2i deploy --preset cpu-demo [--cron '0 3 * * 0'] [--work-pool local]   # scheduled retraining
 
 Every stage command is the plain function the flow's task wraps; `--set section.key=value`
 overrides any preset value (unknown keys are errors).
@@ -34,6 +35,13 @@ PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="preset name in c
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", help="override a preset value, e.g. --set train.steps=100 (repeatable)"),
+]
+DaskOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--dask-address",
+        help="Dask scheduler (tcp://host:8786) to run ingest's shards on; default: T2I_DASK_ADDRESS, else local processes",
+    ),
 ]
 
 
@@ -92,12 +100,13 @@ def ingest(
     resolution: Annotated[Optional[int], typer.Option(help="training image side in pixels")] = None,
     preset: PresetOpt = "cpu-demo",
     set_: SetOpt = None,
+    dask_address: DaskOpt = None,
 ) -> None:
     """Ingest a caption dataset into a versioned Parquet dataset (idempotent)."""
     from tasks.ingest import ingest_dataset
 
     overrides = list(set_ or []) + ([f"ingest.resolution={resolution}"] if resolution else [])
-    dataset = ingest_dataset(source, name, _preset(preset, overrides).ingest)
+    dataset = ingest_dataset(source, name, _preset(preset, overrides).ingest, dask_address=dask_address)
     _echo_json("dataset version", dataset)
 
 
@@ -223,13 +232,16 @@ def run(
     source: Annotated[Optional[str], typer.Option(help="caption source; default: generate the shapes dataset")] = None,
     name: Annotated[str, typer.Option(help="dataset name")] = "shapes",
     set_: SetOpt = None,
+    dask_address: DaskOpt = None,
 ) -> None:
     """Run the whole pipeline as a Prefect flow (ephemeral API unless PREFECT_API_URL is set)."""
     _offline_defaults()
     from flows.pipeline import PipelineParams, text_to_image_pipeline
     from tasks.settings import get_settings
 
-    params = PipelineParams(preset=preset, source=source, dataset_name=name, overrides=list(set_ or []))
+    params = PipelineParams(
+        preset=preset, source=source, dataset_name=name, overrides=list(set_ or []), dask_address=dask_address
+    )
     params.to_preset()  # fail fast on a bad preset or override, before Prefect starts
     started = time.perf_counter()
     summary = text_to_image_pipeline(params)
@@ -249,6 +261,85 @@ def run(
         f"  .venv/bin/t2i sample 'a red circle' --model {summary.registered.uri} --out out.png --scale 8\n"
         f"  .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} -h 127.0.0.1   # MLflow UI\n"
         "  .venv/bin/prefect server start --host 127.0.0.1   # Prefect UI (flow runs of later `t2i run`s)"
+    )
+
+
+@app.command(
+    help="Deploy the whole pipeline to the Prefect server at PREFECT_API_URL, on a weekly schedule.\n\n"
+    "Without --work-pool it serves the deployment: creates or updates it, then runs its flow runs "
+    "(scheduled, or started from the UI's Run form) one at a time in child processes of this command "
+    "until Ctrl-C, which also pauses the schedule. With --work-pool it registers the deployment and exits.\n\n"
+    "The deployment's default parameters are the preset with --source, --name and --set applied, "
+    "as `t2i run` takes them."
+)
+def deploy(
+    preset: PresetOpt = "cpu-demo",
+    source: Annotated[Optional[str], typer.Option(help="caption source; default: generate the shapes dataset")] = None,
+    name: Annotated[str, typer.Option(help="dataset name")] = "shapes",
+    set_: SetOpt = None,
+    deployment: Annotated[
+        Optional[str],
+        typer.Option("--deployment", "-d", help="deployment name; default: the preset's name, e.g. cpu-demo"),
+    ] = None,
+    cron: Annotated[
+        str,
+        typer.Option(
+            help="when scheduled runs start: minute hour day-of-month month day-of-week; "
+            "the default is Sundays at 03:00"
+        ),
+    ] = "0 3 * * 0",
+    timezone: Annotated[str, typer.Option(help="IANA time zone the cron expression is read in")] = "UTC",
+    no_schedule: Annotated[
+        bool,
+        typer.Option(
+            "--no-schedule",
+            help="no schedule: runs start only from the UI, `prefect deployment run` or the API "
+            "(an existing deployment of that name loses its schedules)",
+        ),
+    ] = False,
+    work_pool: Annotated[
+        Optional[str],
+        typer.Option(
+            help="register the deployment on this `process` work pool and exit, instead of serving; "
+            "a worker on this machine (`prefect worker start --pool NAME`) runs it from this checkout"
+        ),
+    ] = None,
+) -> None:
+    """Deploy the whole pipeline to the Prefect server at PREFECT_API_URL, on a weekly schedule."""
+    _offline_defaults()
+    from flows.deploy import (
+        DeployError,
+        build_deployment,
+        check_work_pool,
+        cron_schedule,
+        require_api_url,
+        serve_deployment,
+    )
+    from flows.pipeline import PipelineParams
+
+    _preset(preset, set_)  # fail fast on a bad preset or override, before Prefect is asked anything
+    params = PipelineParams(preset=preset, source=source, dataset_name=name, overrides=list(set_ or []))
+    try:
+        schedule = None if no_schedule else cron_schedule(cron, timezone)
+        api_url = require_api_url()
+        if work_pool:
+            check_work_pool(work_pool)
+        spec = build_deployment(params, name=deployment, schedule=schedule, work_pool=work_pool)
+    except DeployError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+    full_name = f"{spec.flow_name}/{spec.name}"
+    when = "no schedule" if schedule is None else f"cron {schedule.cron!r} ({schedule.timezone})"
+    typer.secho(f"deployment {full_name} on {api_url}: {when}", bold=True)
+    typer.echo("default parameters: " + json.dumps(spec.parameters))
+    if not work_pool:
+        serve_deployment(spec)
+        return
+    deployment_id = spec.apply(work_pool_name=work_pool)
+    typer.echo(
+        f"deployment id {deployment_id}, work pool {work_pool!r}, code in {spec.storage.destination}\n"
+        f"next:\n  .venv/bin/prefect worker start --pool {work_pool}    # on this machine, runs the flow runs\n"
+        f"  .venv/bin/prefect deployment run '{full_name}' --watch"
     )
 
 
