@@ -671,9 +671,9 @@ def _log_to_mlflow(
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
-    settings = get_settings()
-    uri = settings.mlflow_tracking_uri
-    client = MlflowClient(tracking_uri=uri)
+    from tasks.tracking import ensure_experiment
+
+    client = MlflowClient(tracking_uri=get_settings().mlflow_tracking_uri)
     run_id, new_run = train.mlflow_run_id, False
     if run_id is not None:
         try:
@@ -681,14 +681,7 @@ def _log_to_mlflow(
         except MlflowException:
             run_id = None  # the run lives in another tracking store
     if run_id is None:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            # A tracking server chooses its own artifact store; the embedded SQLite store uses ours.
-            remote = uri.startswith(("http://", "https://"))
-            artifacts = None if remote else Path(settings.mlflow_artifact_root).resolve().as_uri()
-            experiment_id = client.create_experiment(experiment, artifact_location=artifacts)
-        else:
-            experiment_id = found.experiment_id
+        experiment_id = ensure_experiment(client, experiment)
         run = client.create_run(
             experiment_id, run_name=f"eval-{out_dir.name}", tags={"t2i.stage": "evaluate", "t2i.dataset": dataset.name}
         )

@@ -18,6 +18,11 @@ Publication is one rename of a temporary sibling directory, so a killed run leav
 no partial version, and ingesting an unchanged source again returns the published
 version at once. `ingest_dataset` is the plain function; `ingest_task` wraps it for
 Prefect with retries and a cache key on the version.
+
+Staging runs in a local process pool, or on a Dask cluster when `dask_address` (or
+`T2I_DASK_ADDRESS`) names a scheduler, e.g. `tcp://10.0.0.5:8786`. Its workers need
+this project installed and the data root at the same path (a shared mount): they read
+the sources and write the staged parts there. The output is the same either way.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ import socket
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, as_completed, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -152,12 +158,17 @@ def ingest_dataset(
     config: IngestConfig | None = None,
     data_root: Path | None = None,
     progress: bool = True,
+    dask_address: str | None = None,
 ) -> DatasetVersion:
     """Ingest `source` as dataset `name`; return the published (or already published) version.
 
-    Raises IngestError when the source cannot be read or no input survives curation.
+    `dask_address` (default: the T2I_DASK_ADDRESS setting) is a Dask scheduler to stage the
+    work units on instead of the local process pool; it changes where the work runs, never
+    the version or the rows. Raises IngestError when the source cannot be read or no input
+    survives curation.
     """
     config = config or IngestConfig()
+    dask_address = dask_address or get_settings().dask_address or None
     _check_name(name)
     spec = detect_source(source)
     fingerprint = fingerprint_source(spec, config.fingerprint)
@@ -175,7 +186,7 @@ def ingest_dataset(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-{os.getpid()}@{_host()}-", dir=final.parent))
     try:
         stage_dir = tmp / "stage"
-        staged = _stage(spec, config, stage_dir, progress=progress, desc=f"ingest {name}")
+        staged = _stage(spec, config, stage_dir, progress=progress, desc=f"ingest {name}", dask_address=dask_address)
         curated = _curate(stage_dir, tmp, config, staged)
         counts = curated["counts"]
         if counts["train"] + counts["val"] == 0:
@@ -353,9 +364,15 @@ def ingest_task(
     name: str,
     config: IngestConfig | None = None,
     data_root: str | None = None,
+    dask_address: str | None = None,
 ) -> DatasetVersion:
-    """Prefect wrapper of `ingest_dataset` (no progress bar: Prefect logs are not a terminal)."""
-    return ingest_dataset(source, name, config, Path(data_root) if data_root else None, progress=False)
+    """Prefect wrapper of `ingest_dataset` (no progress bar: Prefect logs are not a terminal).
+
+    `dask_address` is not in the cache key: where the shards were staged does not change the dataset.
+    """
+    return ingest_dataset(
+        source, name, config, Path(data_root) if data_root else None, progress=False, dask_address=dask_address
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -541,7 +558,7 @@ def _source_files(spec: SourceSpec) -> Iterator[Path]:
 
 
 # ---------------------------------------------------------------------------
-# Staging: work units -> Parquet parts, in a process pool
+# Staging: work units -> Parquet parts, in a process pool or on a Dask cluster
 
 
 def _stage_options(config: IngestConfig) -> StageOptions:
@@ -566,7 +583,9 @@ def _stage_options(config: IngestConfig) -> StageOptions:
     )
 
 
-def _stage(spec: SourceSpec, config: IngestConfig, stage_dir: Path, progress: bool, desc: str) -> Counter:
+def _stage(
+    spec: SourceSpec, config: IngestConfig, stage_dir: Path, progress: bool, desc: str, dask_address: str | None = None
+) -> Counter:
     (stage_dir / "rows").mkdir(parents=True)
     (stage_dir / "rejects").mkdir()
     opts = _stage_options(config)
@@ -580,27 +599,68 @@ def _stage(spec: SourceSpec, config: IngestConfig, stage_dir: Path, progress: bo
             bar.update(result["inputs"])
             bar.set_postfix(rejected=totals["rejected"], refresh=False)
 
-        if workers == 1:
+        if workers == 1 and dask_address is None:
             for unit in _plan_units(spec):
                 done(stage_unit(unit, opts, str(stage_dir)))
             return totals
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context())
-        try:
+        # Each unit writes its own part-<index> files and the SQL orders rows by id and source
+        # position, so neither the order nor the place units finish in changes the output.
+        with _unit_executor(workers, dask_address) as (pool, slots):
             pending: set = set()
             for unit in _plan_units(spec):
                 # Bounded look-ahead: planning never runs far ahead of the workers.
-                while len(pending) >= 2 * workers:
+                while len(pending) >= 2 * slots:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for future in finished:
                         done(future.result())
                 pending.add(pool.submit(stage_unit, unit, opts, str(stage_dir)))
             for future in as_completed(pending):
                 done(future.result())
+    return totals
+
+
+@contextmanager
+def _unit_executor(workers: int, dask_address: str | None) -> Iterator[tuple[Executor, int]]:
+    """(executor for `stage_unit` calls, how many run at once): a local process pool of
+    `workers`, or the Dask cluster at `dask_address` with all its worker threads."""
+    if dask_address is None:
+        pool: Executor = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context())
+        try:
+            yield pool, workers
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
-    return totals
+        return
+
+    try:
+        from distributed import Client
+    except ImportError:
+        raise IngestError(
+            f"dask_address={dask_address!r} needs dask.distributed: pip install 't2i-pipeline[dask]', "
+            "or unset T2I_DASK_ADDRESS to ingest with the local process pool"
+        ) from None
+    # Not IngestError below: an unreachable scheduler or a cluster still starting its workers is
+    # what a retry of the Prefect task can fix.
+    try:
+        client = Client(dask_address, set_as_default=False, timeout="30s")
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach the Dask scheduler at {dask_address}: {exc}") from exc
+    with client:
+        if not client.nthreads():
+            try:
+                client.wait_for_workers(1, timeout=30)
+            except TimeoutError:
+                raise TimeoutError(f"the Dask cluster at {dask_address} has had no workers for 30 s; start some") from None
+        threads = sum(client.nthreads().values())
+        # pure=False: every submission runs, even of a unit Dask has seen before (it writes files).
+        pool = client.get_executor(pure=False)
+        try:
+            yield pool, threads
+        except BaseException:
+            pool.shutdown(wait=False)  # cancels what has not run
+            raise
+        pool.shutdown(wait=True)
 
 
 def _mp_context() -> multiprocessing.context.BaseContext:

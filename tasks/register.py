@@ -47,6 +47,7 @@ from models import mlflow_model
 from models.pipeline import CONFIG_FILE, UNET_FILE, TextToImage
 from tasks.contracts import EvalReport, RegisteredModel, TrainResult
 from tasks.settings import get_settings
+from tasks.tracking import ensure_experiment, set_alias
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +179,9 @@ def register_model(
 
     if existing is None or _is_newest(client, name, mv.version):
         # A retry completes its own registration; re-running an old model does not pull `candidate` back.
-        client.set_registered_model_alias(name, CANDIDATE, mv.version)
+        set_alias(client, name, CANDIDATE, mv.version)
     if promote:
-        client.set_registered_model_alias(name, CHAMPION, mv.version)
+        set_alias(client, name, CHAMPION, mv.version)
     log.info("registered %s v%s (%s)", name, mv.version, version_tags["gate.decision"])
     return _registered(client, name, mv.version)
 
@@ -198,7 +199,7 @@ def restore_champion(name: str, version: str | int) -> RegisteredModel:
         ) from exc
     if mv.tags.get(EVAL_PASSED) == "false":
         log.warning("restoring %s v%s as champion although its evaluation gate failed", name, version)
-    client.set_registered_model_alias(name, CHAMPION, version)
+    set_alias(client, name, CHAMPION, version)
     return _registered(client, name, version)
 
 
@@ -287,16 +288,7 @@ def _run_id(client: MlflowClient, train: TrainResult, config: RegisterConfig, fi
             return client.get_run(train.mlflow_run_id).info.run_id
         except MlflowException:
             log.warning("training run %s is not in this tracking store; logging into a new run", train.mlflow_run_id)
-    settings = get_settings()
-    experiment = client.get_experiment_by_name(config.experiment)
-    if experiment is None:
-        uri = settings.mlflow_tracking_uri
-        # A tracking server chooses its own artifact store; the embedded SQLite store uses ours.
-        local = not uri.startswith(("http://", "https://", "databricks"))
-        location = Path(settings.mlflow_artifact_root).resolve().as_uri() if local else None
-        experiment_id = client.create_experiment(config.experiment, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = ensure_experiment(client, config.experiment)
     run = client.create_run(experiment_id, run_name=f"register-{fingerprint}", tags={"t2i.stage": "register"})
     return run.info.run_id
 

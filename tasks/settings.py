@@ -1,7 +1,8 @@
 """Environment-backed settings: paths and URIs, never hyperparameters.
 
 Every field reads `T2I_<NAME>` from the environment (or a `.env` file), e.g.
-`T2I_DATA_ROOT=/mnt/data`, `T2I_MLFLOW_TRACKING_URI=http://127.0.0.1:5000`.
+`T2I_DATA_ROOT=/mnt/data`, `T2I_MLFLOW_TRACKING_URI=http://127.0.0.1:5000`,
+`T2I_DASK_ADDRESS=tcp://scheduler:8786`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ class Settings(BaseSettings):
     data_root: Path = Path("data")
     mlflow_tracking_uri: str = "sqlite:///mlflow.db"
     mlflow_artifact_root: str = "mlartifacts"
+    # A Dask scheduler (e.g. tcp://10.0.0.5:8786) that ingest stages its shards on; None: a local
+    # process pool. Its workers must see data_root at the same path.
+    dask_address: str | None = None
 
     @property
     def raw_dir(self) -> Path:

@@ -1149,16 +1149,12 @@ class _Tracker(_NullTracker):
     def start(cls, trainer: _Trainer) -> _Tracker:
         from mlflow import MlflowClient
 
+        from tasks.tracking import ensure_experiment
+
         settings = get_settings()
         uri = settings.mlflow_tracking_uri
         client = MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name(trainer.mlflow_experiment)
-        if experiment is None:
-            # A tracking server chooses its own artifact store; the embedded SQLite store uses ours.
-            artifacts = None if uri.startswith(("http://", "https://")) else Path(settings.mlflow_artifact_root).resolve().as_uri()
-            experiment_id = client.create_experiment(trainer.mlflow_experiment, artifact_location=artifacts)
-        else:
-            experiment_id = experiment.experiment_id
+        experiment_id = ensure_experiment(client, trainer.mlflow_experiment)
 
         run_id = trainer.run_info.get("mlflow_run_id")
         if run_id is not None and trainer.run_info.get("mlflow_tracking_uri") == uri:

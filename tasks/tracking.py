@@ -1,0 +1,44 @@
+"""MLflow calls that several stages make and that must hold up under concurrent runs.
+
+Imported lazily by the stages (MLflow is not needed to import `tasks.train`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from tasks.settings import get_settings
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created when missing; safe when several runs create it at once."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    settings = get_settings()
+    # A tracking server chooses its own artifact store; the embedded SQLite store uses ours.
+    remote = settings.mlflow_tracking_uri.startswith(("http://", "https://", "databricks"))
+    artifacts = None if remote else Path(settings.mlflow_artifact_root).resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=artifacts)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id  # another run created it first
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version: str | int, attempts: int = 3) -> None:
+    """Point `alias` at `version`. MLflow's store looks an alias up, then inserts it, so two
+    registrations setting a new alias at once can collide; setting an alias is idempotent, so retry."""
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, str(version))
+            return
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
