@@ -3,7 +3,10 @@
 `load_train_data` decodes the Parquet images once into a uint8 tensor `(N, 3, H, W)`
 and joins them by `id` with the embedding set's token states and pooled embeddings, so a training step
 is only an index into tensors that already sit on the device (no data loader, no
-host work per step). `EpochSampler` turns a global sample position into dataset
+host work per step). For a dataset larger than memory, `storage="disk"` streams the
+Parquet row groups into memory-mapped files instead (images, and the token states once per
+distinct caption): RAM then holds one row group at a time while loading, and a step reads
+its rows from the page cache or the disk. `EpochSampler` turns a global sample position into dataset
 indices: the position is the whole data state of a run, which is what makes a
 resumed run draw exactly the batches the uninterrupted one would have drawn.
 """
@@ -15,6 +18,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -27,6 +31,7 @@ from tasks.contracts import DatasetVersion, EmbeddingSet
 LEFT_RIGHT_WORDS = re.compile(r"\b(left|right|leftmost|rightmost|lefthand|righthand)\b", re.IGNORECASE)
 
 FLIP_MODES = ("auto", "always", "never")
+_DECODE_ROWS = 4096  # images decoded per Parquet read
 
 
 class TrainDataError(ValueError):
@@ -47,9 +52,17 @@ class TrainData:
     uncond_mask: torch.Tensor  # (1, L) bool
     uncond_pooled: torch.Tensor  # (1, E) float32
     flippable: torch.Tensor  # (N,) bool: may this sample be mirrored left-right
+    # None: tokens, mask and pooled are row-aligned with images. Else they hold one row per
+    # distinct caption and sample i's caption row is caption_rows[i] (see `caption_index`).
+    caption_rows: torch.Tensor | None = None  # (N,) long
+    on_disk: bool = False  # images and tokens are memory-mapped files: index them, never copy them whole
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def caption_index(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows of tokens / mask / pooled for the samples `idx`."""
+        return idx if self.caption_rows is None else self.caption_rows[idx]
 
     @property
     def resolution(self) -> int:
@@ -63,9 +76,8 @@ class TrainData:
         return replace(self, **moved)
 
     def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for t in (self.images, self.tokens, self.mask, self.pooled, self.flippable)
-        )
+        tensors = (self.images, self.tokens, self.mask, self.pooled, self.flippable, self.caption_rows)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def flippable_mask(captions: list[str], flip: str) -> torch.Tensor:
@@ -89,38 +101,50 @@ def split_files(dataset: DatasetVersion, split: str) -> list[Path]:
     return files
 
 
-def read_images(dataset: DatasetVersion, split: str = "train", workers: int = 4) -> tuple[list[str], list[str], torch.Tensor]:
+def read_images(
+    dataset: DatasetVersion, split: str = "train", workers: int = 4, out_file: Path | None = None
+) -> tuple[list[str], list[str], torch.Tensor]:
     """(ids, captions, images (N, 3, H, W) uint8) of one split, every image checked to be
-    `dataset.resolution` square RGB."""
-    ids: list[str] = []
-    captions: list[str] = []
-    blobs: list[bytes] = []
-    for path in split_files(dataset, split):
-        table = pq.read_table(path, columns=["id", "caption", "image"])
-        ids += table.column("id").to_pylist()
-        captions += table.column("caption").to_pylist()
-        blobs += table.column("image").to_pylist()
-    if not ids:
+    `dataset.resolution` square RGB. With `out_file` the images go to a memory-mapped file
+    there, one Parquet row group at a time, so the split never has to fit in memory."""
+    files = split_files(dataset, split)
+    n = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
+    if not n:
         raise TrainDataError(
             f"dataset {dataset.name}@{dataset.version} has no rows in its {split!r} split "
             f"(counts: {dataset.counts}); check the ingest filters and rejects.parquet"
         )
     res = dataset.resolution
+    if out_file is None:
+        images = np.empty((n, 3, res, res), dtype=np.uint8)
+    else:
+        out_file.unlink(missing_ok=True)
+        images = np.memmap(out_file, np.uint8, "w+", shape=(n, 3, res, res))
+    ids: list[str] = []
+    captions: list[str] = []
 
-    def decode(i: int) -> np.ndarray:
-        with Image.open(io.BytesIO(blobs[i])) as im:
+    def decode(item: tuple[int, str, bytes]) -> None:
+        i, id_, blob = item
+        with Image.open(io.BytesIO(blob)) as im:
             if im.size != (res, res):
                 raise TrainDataError(
-                    f"image {ids[i]} of {dataset.name}@{dataset.version} is {im.size[0]}x{im.size[1]}, but the "
+                    f"image {id_} of {dataset.name}@{dataset.version} is {im.size[0]}x{im.size[1]}, but the "
                     f"dataset version says resolution {res}; re-ingest the dataset at the training resolution"
                 )
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+            images[i] = np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)  # (3, H, W)
 
     # PIL releases the GIL while decoding, so threads do help here.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        arrays = list(pool.map(decode, range(len(blobs))))
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
-    return ids, captions, images
+        for path in files:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=_DECODE_ROWS, columns=["id", "caption", "image"]):
+                batch_ids = batch.column("id").to_pylist()
+                start = len(ids)
+                list(pool.map(decode, zip(range(start, start + len(batch_ids)), batch_ids, batch.column("image").to_pylist())))
+                ids += batch_ids
+                captions += batch.column("caption").to_pylist()
+    if isinstance(images, np.memmap):
+        images.flush()
+    return ids, captions, torch.from_numpy(images)
 
 
 def load_train_data(
@@ -129,13 +153,28 @@ def load_train_data(
     split: str = "train",
     max_length: int | None = None,
     flip: str = "auto",
+    storage: Literal["memory", "disk"] = "memory",
+    cache_dir: Path | None = None,
 ) -> TrainData:
-    """Join a split's decoded images with its caption embeddings by `id`; validate on the way."""
+    """Join a split's decoded images with its caption embeddings by `id`; validate on the way.
+
+    `storage="disk"` memory-maps the images and the per-caption token states into files in
+    `cache_dir` (required then); the samples and their order are the same either way."""
     from tasks.embed import load_embeddings  # the embed stage owns the on-disk embedding format
 
+    if storage not in ("memory", "disk"):
+        raise ValueError(f"storage must be 'memory' or 'disk', got {storage!r}")
+    if storage == "disk":
+        if cache_dir is None:
+            raise ValueError("storage='disk' needs a cache_dir for the memory-mapped files")
+        cache_dir.mkdir(parents=True, exist_ok=True)
     check_pair(dataset, embeddings)
-    ids, captions, images = read_images(dataset, split)
-    emb = load_embeddings(embeddings, split=split, max_length=max_length)
+    on_disk = storage == "disk"
+    ids, captions, images = read_images(dataset, split, out_file=cache_dir / f"{split}-images.u8" if on_disk else None)
+    emb = load_embeddings(
+        embeddings, split=split, max_length=max_length, per_caption=on_disk,
+        tokens_file=cache_dir / f"{split}-tokens.f16" if on_disk else None,
+    )  # fmt: skip
     row_of = {id_: i for i, id_ in enumerate(emb.ids)}
     missing = [i for i in ids if i not in row_of]
     if missing:
@@ -144,6 +183,21 @@ def load_train_data(
             f"{embeddings.path} (first: {missing[:3]}); re-run the embed stage for this dataset version"
         )
     rows = torch.tensor([row_of[i] for i in ids], dtype=torch.long)
+    if on_disk:  # one token-state row per distinct caption, left in its file
+        return TrainData(
+            ids=ids,
+            captions=captions,
+            images=images,
+            tokens=emb.tokens,
+            mask=emb.mask.bool(),
+            pooled=emb.pooled.float(),
+            uncond_tokens=emb.uncond_tokens,
+            uncond_mask=emb.uncond_mask.bool(),
+            uncond_pooled=emb.uncond_pooled.float(),
+            flippable=flippable_mask(captions, flip),
+            caption_rows=emb.caption_rows[rows],
+            on_disk=True,
+        )
     return TrainData(
         ids=ids,
         captions=captions,

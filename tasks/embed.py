@@ -141,6 +141,9 @@ class LoadedEmbeddings:
     uncond_mask: torch.Tensor  # (1, L) bool
     uncond_pooled: torch.Tensor  # (1, E) float32
     image_embeds: torch.Tensor | None = None  # (N, E) float32: val split of a set made with encode_val_images
+    # With `load_embeddings(..., per_caption=True)`: tokens, mask, lengths and pooled hold one
+    # row per distinct caption (row 0 the empty caption) and row i's caption is caption_rows[i].
+    caption_rows: torch.Tensor | None = None  # (N,) long
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -174,8 +177,18 @@ def embed_dataset(
     return _descriptor(final, manifest)
 
 
-def load_embeddings(embedding_set: EmbeddingSet, split: str = "train", max_length: int | None = None) -> LoadedEmbeddings:
+def load_embeddings(
+    embedding_set: EmbeddingSet,
+    split: str = "train",
+    max_length: int | None = None,
+    per_caption: bool = False,
+    tokens_file: Path | None = None,
+) -> LoadedEmbeddings:
     """One split's embeddings, token states padded back to `max_length` with a mask.
+
+    `per_caption=True` keeps one row per distinct caption plus `caption_rows` instead of one
+    row per dataset row (a caption used k times is stored once). `tokens_file` puts the padded
+    token states, the bulk of the bytes, in a memory-mapped file there instead of in RAM.
 
     `max_length` None pads to the longest caption of the whole set (every split and the
     empty caption; `embedding_set.num_tokens`), so train, val and uncond tensors share L
@@ -225,7 +238,11 @@ def load_embeddings(embedding_set: EmbeddingSet, split: str = "train", max_lengt
             f"pass max_length >= {int(lengths_u.max())}, or None to pad to the longest caption of the set ({longest})"
         )
 
-    tokens_u = torch.zeros(len(slot_of), length, width, dtype=torch.float16)  # (U, L, D)
+    if tokens_file is None:
+        tokens_u = torch.zeros(len(slot_of), length, width, dtype=torch.float16)  # (U, L, D)
+    else:  # a new file is all zeros, as the padding needs
+        tokens_file.unlink(missing_ok=True)
+        tokens_u = torch.from_numpy(np.memmap(tokens_file, TOKENS_DTYPE, "w+", shape=(len(slot_of), length, width)))
     pooled_u = torch.zeros(len(slot_of), pooled_dim, dtype=torch.float32)  # (U, E)
     for name in manifest["files"]["captions"]:
         for batch in pq.ParquetFile(root / name).iter_batches(batch_size=_ROWS_PER_READ):
@@ -245,6 +262,20 @@ def load_embeddings(embedding_set: EmbeddingSet, split: str = "train", max_lengt
     image_embeds = None
     if split == "val" and manifest["val_images"]:
         image_embeds = _load_image_embeds(root, manifest, ids, pooled_dim)
+    if per_caption:
+        return LoadedEmbeddings(
+            split=split,
+            ids=ids,
+            tokens=tokens_u,
+            mask=mask_u,
+            lengths=lengths_u,
+            pooled=pooled_u,
+            uncond_tokens=tokens_u[:1].clone(),
+            uncond_mask=mask_u[:1].clone(),
+            uncond_pooled=pooled_u[:1].clone(),
+            image_embeds=image_embeds,
+            caption_rows=index,
+        )
     return LoadedEmbeddings(
         split=split,
         ids=ids,

@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 RUN_FILE = "run.json"  # run key, config, MLflow run id: written when a run starts
 RESULT_FILE = "result.json"  # the TrainResult: written last, its presence marks a finished run
+DATA_CACHE_DIR = "data-cache"  # memory-mapped training data of `data_storage: disk`, removed at the end
 METRICS_FILE = "metrics.jsonl"  # one line per log step, also without MLflow
 MODEL_DIR = "model"  # the saved TextToImage with EMA weights, what later stages load
 CHECKPOINTS_DIR = "checkpoints"
@@ -80,7 +81,10 @@ INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process
 
 # Fields that change how a run is observed, not what it computes: left out of the run key so
 # that e.g. checkpointing more often or adding processes still resumes the same run.
-_BOOKKEEPING_FIELDS = {"log_every", "checkpoint_every", "keep_last", "sample_every", "nproc", "nnodes", "rdzv_endpoint", "rdzv_id"}
+_BOOKKEEPING_FIELDS = {
+    "log_every", "checkpoint_every", "keep_last", "sample_every", "nproc", "nnodes", "rdzv_endpoint", "rdzv_id",
+    "data_storage",
+}  # fmt: skip
 
 
 class TrainConfig(BaseModel):
@@ -119,6 +123,12 @@ class TrainConfig(BaseModel):
     )
     max_length: PositiveInt | None = Field(
         None, description="caption token length L the states are padded to; None = the set's longest caption (cheapest)"
+    )
+    data_storage: Literal["auto", "memory", "disk"] = Field(
+        "auto",
+        description="memory: decode the whole split into RAM (then the GPU when it fits); disk: stream it into "
+        "memory-mapped files in the run directory and read each step's rows from there, for data larger than RAM; "
+        "auto: disk when the decoded split would take more than half of the available RAM",
     )
 
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere")
@@ -389,6 +399,7 @@ class _Trainer:
         self.mlflow_experiment, self.progress = mlflow_experiment, progress
         self.dist = _Dist(int(os.environ.get("RANK", 0)), _world_size(), int(os.environ.get("LOCAL_RANK", 0)))
         self.on_progress = on_progress if self.dist.is_main else None
+        self.data_cache = run_dir / DATA_CACHE_DIR / f"{socket.gethostname()}-{self.dist.rank}"
         expected = config.nproc * resolved_nnodes(config)
         if self.dist.world != expected:
             raise TrainingError(
@@ -408,7 +419,13 @@ class _Trainer:
 
     def _load_data(self) -> TrainData:
         c = self.config
-        data = load_train_data(self.dataset, self.embeddings, "train", max_length=c.max_length, flip=c.flip)
+        storage = c.data_storage if c.data_storage != "auto" else _auto_storage(self.dataset, self.embeddings)
+        data = load_train_data(
+            self.dataset, self.embeddings, "train", max_length=c.max_length, flip=c.flip,
+            storage=storage, cache_dir=self.data_cache if storage == "disk" else None,
+        )  # fmt: skip
+        if data.on_disk:
+            log.info("training data streams from memory-mapped files in %s", self.data_cache)
         if data.resolution != self.dataset.resolution:
             raise TrainingError(f"decoded images are {data.resolution} px but the dataset version says {self.dataset.resolution}")
         if c.batch_size > len(data):
@@ -460,8 +477,16 @@ class _Trainer:
     # -- the run ----------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:  # memory-mapped data of `data_storage: disk`, rebuilt by a resumed attempt
+            shutil.rmtree(self.data_cache, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (self.run_dir / DATA_CACHE_DIR).rmdir()  # the last rank out removes the folder
+
+    def _run(self) -> TrainResult:
         c = self.config
-        data = self._load_data()  # all input validation happens before anything is written
+        data = self._load_data()  # all input validation happens before anything else is written
         self._prepare_run_dir()
         _seed_everything(c.seed)
         self._build()
@@ -567,14 +592,15 @@ class _Trainer:
             lo = (k * self.dist.world + self.dist.rank) * micro
             sl = slice(lo, lo + micro)
             idx = idx_all[sl]
+            cidx = d.caption_index(idx)  # (b,) rows of the caption tables
             flip = flip_all[sl] & d.flippable[idx].to(dev, non_blocking=True)
             x0 = _images_to_model(d.images[idx].to(dev, non_blocking=True), flip)  # (b, 3, H, W) in [-1, 1]
             drop = drop_all[sl]
-            context = torch.where(drop[:, None, None], d.uncond_tokens, d.tokens[idx].to(dev, non_blocking=True))  # (b, L, D)
-            context_mask = torch.where(drop[:, None], d.uncond_mask, d.mask[idx].to(dev, non_blocking=True))  # (b, L)
+            context = torch.where(drop[:, None, None], d.uncond_tokens, d.tokens[cidx].to(dev, non_blocking=True))  # (b, L, D)
+            context_mask = torch.where(drop[:, None], d.uncond_mask, d.mask[cidx].to(dev, non_blocking=True))  # (b, L)
             pooled = None
             if self.unet_config.pooled_dim is not None:  # a dropped caption drops its pooled embedding too
-                pooled = torch.where(drop[:, None], d.uncond_pooled, d.pooled[idx].to(dev, non_blocking=True))  # (b, E)
+                pooled = torch.where(drop[:, None], d.uncond_pooled, d.pooled[cidx].to(dev, non_blocking=True))  # (b, E)
             sync = k == c.grad_accum - 1 or self.dist.world == 1
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 loss = diffusion_loss(
@@ -712,7 +738,7 @@ class _Trainer:
         from models.samplers.guidance import guided_model_fn
 
         c, d = self.config, self.data
-        rows = torch.tensor(self.sample_captions[1], device=d.tokens.device)
+        rows = d.caption_index(torch.tensor(self.sample_captions[1], device=d.images.device))
         context = d.tokens[rows].to(self.device).float()
         mask = d.mask[rows].to(self.device)
         unet = self.ema.module.eval()
@@ -960,9 +986,32 @@ def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | No
     return None
 
 
+def _auto_storage(dataset: DatasetVersion, embeddings: EmbeddingSet) -> str:
+    """"disk" when the decoded train split (images + padded token states, an upper bound) would
+    take more than half of the RAM available now, else "memory"."""
+    from tasks.embed import read_manifest
+
+    n, res = int(dataset.counts.get("train", 0)), dataset.resolution
+    width = int(read_manifest(embeddings.path)["encoder"]["width"])
+    need = n * (3 * res * res + embeddings.num_tokens * width * 2 + embeddings.num_tokens + 4 * width)
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): assume it fits
+        return "memory"
+    return "disk" if need > available // 2 else "memory"
+
+
 def _place_data(data: TrainData, device: torch.device) -> TrainData:
     """Everything on the device when it fits in half of the free memory; otherwise the images and
-    token states stay in pinned host memory and each step copies its rows over."""
+    token states stay in pinned host memory and each step copies its rows over. Memory-mapped
+    data stays where it is (pinning would read it all into RAM); only the small tables move."""
+    if data.on_disk:
+        return TrainData(
+            ids=data.ids, captions=data.captions, images=data.images, tokens=data.tokens, mask=data.mask,
+            pooled=data.pooled, flippable=data.flippable, caption_rows=data.caption_rows, on_disk=True,
+            uncond_tokens=data.uncond_tokens.to(device), uncond_mask=data.uncond_mask.to(device),
+            uncond_pooled=data.uncond_pooled.to(device),
+        )  # fmt: skip
     if device.type != "cuda":
         return data.to(device)
     free, _ = torch.cuda.mem_get_info(device)
@@ -974,9 +1023,11 @@ def _place_data(data: TrainData, device: torch.device) -> TrainData:
         "uncond_mask": data.uncond_mask.to(device),
         "uncond_pooled": data.uncond_pooled.to(device),
     }
+    rows = data.caption_rows.pin_memory() if data.caption_rows is not None else None
     return TrainData(
         ids=data.ids, captions=data.captions, images=data.images.pin_memory(), tokens=data.tokens.pin_memory(),
-        mask=data.mask.pin_memory(), pooled=data.pooled.pin_memory(), flippable=data.flippable.pin_memory(), **small,
+        mask=data.mask.pin_memory(), pooled=data.pooled.pin_memory(), flippable=data.flippable.pin_memory(),
+        caption_rows=rows, **small,
     )
 
 

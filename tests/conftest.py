@@ -202,3 +202,19 @@ def postgres():
             run("pg_ctl", "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def console_script(name: str) -> str:
+    """A command this project's environment installs (mlflow, prefect, t2i): next to the running
+    Python first (the venv's bin), else on the PATH."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    path = Path(sys.executable).parent / name
+    if path.is_file():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found next to {sys.executable} or on the PATH: install the project (`make install`)")
+    return found

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import mlflow
-from conftest import free_port
+from conftest import console_script, free_port
 from mlflow import MlflowClient
 from test_register import report, save_tiny_model
 
@@ -33,7 +33,6 @@ from tasks.register import CANDIDATE, CHAMPION, FINGERPRINT_TAG, RegisterConfig,
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-BIN = Path(sys.executable).parent  # the venv's mlflow and prefect commands
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -97,7 +96,7 @@ def mlflow_server(postgres, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     cmd = [
-        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+        console_script("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
         # psycopg2 named, as in infra/: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3.
         # No password in the URI (it would show in `ps`): libpq reads PGPASSWORD, as in infra/.
         "--backend-store-uri", postgres.url("mlflow", driver="postgresql+psycopg2", with_password=False),
@@ -114,7 +113,7 @@ def prefect_server(postgres, tmp_path_factory):
     """A Prefect server on the `prefect` database, with its own PREFECT_HOME; its API URL."""
     workdir = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
-    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--analytics-off"]
+    cmd = [console_script("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--analytics-off"]
     env = clean_env(
         PREFECT_HOME=str(workdir / "home"),
         PREFECT_API_DATABASE_CONNECTION_URL=postgres.url("prefect", driver="postgresql+asyncpg"),

@@ -18,9 +18,7 @@ import datetime as dt
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import zoneinfo
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from conftest import console_script, free_port
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -46,7 +45,6 @@ from tasks.settings import get_settings
 
 PREFECT_YAML = PROJECT_ROOT / "prefect.yaml"
 FLOW_NAME = text_to_image_pipeline.name
-BIN = Path(sys.executable).parent  # the venv's console scripts: t2i, prefect
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 RETRY_STATUS = {429, 502, 503}
 SERVER_START_S = 120
@@ -93,19 +91,6 @@ class Proc:
         self._out.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _console_script(name: str) -> str:
-    path = BIN / name
-    if not path.is_file():
-        pytest.fail(f"{path} not found: install the project into this venv (`make install`)")
-    return str(path)
-
-
 def _without_prefect_settings(env: dict[str, str]) -> dict[str, str]:
     # A developer's PREFECT_API_URL, profile or database must not leak into the test server or clients.
     return {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
@@ -142,7 +127,7 @@ class Server:
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     common = {
         "PREFECT_HOME": str(home),
@@ -156,7 +141,7 @@ def prefect_server(tmp_path_factory):
         "PREFECT_UI_ENABLED": "false",  # the API is all the test needs; skips building the UI's assets
     }
     proc = Proc(
-        [_console_script("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [console_script("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         server_env,
         home / "server.log",
     )
@@ -244,7 +229,7 @@ def test_served_deployment_runs_a_flow_run_created_through_the_api(
     server = prefect_server
     tiny = tiny_pipeline_params  # conftest: the end-to-end flow test's toy-size run
     cron, tz = "0 4 * * 1", "Europe/Berlin"  # not the defaults, so the options are seen to arrive
-    cmd = [_console_script("t2i"), "deploy", "--preset", tiny.preset, "--deployment", "e2e-served",
+    cmd = [console_script("t2i"), "deploy", "--preset", tiny.preset, "--deployment", "e2e-served",
            "--cron", cron, "--timezone", tz]
     for override in tiny.overrides:
         cmd += ["--set", override]
@@ -334,7 +319,7 @@ def test_prefect_deploy_and_t2i_deploy_to_a_work_pool_agree(prefect_server, tmp_
 
     # `prefect deploy` reads prefect.yaml in the repository root ...
     prefect_deploy = Proc(
-        [_console_script("prefect"), "--no-prompt", "deploy", "--name", "cpu-demo"],
+        [console_script("prefect"), "--no-prompt", "deploy", "--name", "cpu-demo"],
         _client_env(server),
         tmp_path / "prefect-deploy.log",
         cwd=PROJECT_ROOT,

@@ -208,6 +208,32 @@ def test_sigkill_then_restart_equals_uninterrupted_run(toy, tmp_path):
     assert_same_weights(reference / "model" / "unet.safetensors", run_dir / "model" / "unet.safetensors", atol=1e-6)
 
 
+def test_disk_storage_streams_the_same_samples_as_memory(toy, tmp_path):
+    from tasks.data import load_train_data
+
+    dataset, embeddings = toy
+    mem = load_train_data(dataset, embeddings)
+    disk = load_train_data(dataset, embeddings, storage="disk", cache_dir=tmp_path / "cache")
+    assert disk.on_disk and disk.caption_rows is not None and disk.ids == mem.ids
+    n, res = len(mem), dataset.resolution
+    assert (tmp_path / "cache" / "train-images.u8").stat().st_size == n * 3 * res * res  # images live in the file
+    assert (tmp_path / "cache" / "train-tokens.f16").stat().st_size == disk.tokens.numel() * 2
+    assert torch.equal(disk.images, mem.images)
+    rows = disk.caption_index(torch.arange(n))
+    assert torch.equal(disk.tokens[rows], mem.tokens) and torch.equal(disk.mask[rows], mem.mask)
+    assert torch.equal(disk.pooled[rows], mem.pooled) and torch.equal(disk.uncond_tokens, mem.uncond_tokens)
+    assert disk.tokens.shape[0] == len(set(mem.captions)) + 1  # one row per distinct caption, plus the empty one
+    with pytest.raises(ValueError, match="cache_dir"):
+        load_train_data(dataset, embeddings, storage="disk")
+
+    # a run on disk-backed data draws the same batches: identical losses and weights
+    ref = train_model(dataset, embeddings, tiny(data_storage="memory"), run_dir=tmp_path / "mem", mlflow_experiment=None, progress=False)
+    got = train_model(dataset, embeddings, tiny(data_storage="disk"), run_dir=tmp_path / "disk", mlflow_experiment=None, progress=False)
+    assert losses(Path(got.run_dir)) == losses(Path(ref.run_dir))
+    assert_same_weights(Path(ref.checkpoint) / "unet.safetensors", Path(got.checkpoint) / "unet.safetensors")
+    assert not (tmp_path / "disk" / "data-cache").exists()  # the memory-mapped copy is removed at the end
+
+
 @pytest.mark.slow
 def test_sigterm_finishes_the_step_checkpoints_and_exits_nonzero(toy, tmp_path):
     dataset, embeddings = toy
