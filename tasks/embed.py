@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 
 from models.checkpoint import fsync_dir
 from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizerPool
+from tasks import storage
 from tasks.contracts import DatasetVersion, EmbeddingSet
 from tasks.settings import get_settings
 
@@ -827,5 +828,9 @@ def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     persist_result=True,
 )
 def embed_task(dataset: DatasetVersion, config: EmbedConfig, data_root: str | None = None) -> EmbeddingSet:
-    """Prefect wrapper of `embed_dataset` (no progress bar: Prefect logs are not a terminal)."""
-    return embed_dataset(dataset, config, Path(data_root) if data_root else None, progress=False)
+    """Prefect wrapper of `embed_dataset` (no progress bar: Prefect logs are not a terminal). With an
+    s3:// data root the dataset is pulled first when this machine lacks it, and the set pushed after."""
+    storage.pull(Path(dataset.root))
+    embeddings = embed_dataset(dataset, config, Path(data_root) if data_root else None, progress=False)
+    storage.push(Path(embeddings.path))
+    return embeddings

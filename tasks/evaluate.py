@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from models.checkpoint import write_json_atomic
 from models.pipeline import GenerationParams, TextToImage, to_pil
 from tasks.attributes import ShapeAttributes, prompt_for, score_prompts
+from tasks import storage
 from tasks.contracts import DatasetVersion, EvalReport, TrainResult
 from tasks.settings import get_settings
 from tasks.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapesConfig, heldout_pairs
@@ -741,4 +742,8 @@ def evaluate_task(
         from tasks.register import champion_metrics as registry_champion_metrics
 
         champion_metrics = registry_champion_metrics(model_name)
-    return evaluate_model(train, dataset, config, champion_metrics, progress=False, mlflow_experiment=mlflow_experiment)
+    storage.pull(Path(train.run_dir))  # with an s3:// data root, when another machine trained it
+    storage.pull(Path(dataset.root))
+    report = evaluate_model(train, dataset, config, champion_metrics, progress=False, mlflow_experiment=mlflow_experiment)
+    storage.push(Path(train.run_dir) / EVAL_DIR)
+    return report

@@ -59,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from models.checkpoint import fsync_dir
+from tasks import storage
 from tasks.contracts import DatasetVersion
 from tasks.image_io import (
     IMAGE_EXTENSIONS,
@@ -370,9 +371,11 @@ def ingest_task(
 
     `dask_address` is not in the cache key: where the shards were staged does not change the dataset.
     """
-    return ingest_dataset(
+    dataset = ingest_dataset(
         source, name, config, Path(data_root) if data_root else None, progress=False, dask_address=dask_address
     )
+    storage.push(Path(dataset.root))  # with an s3:// data root; a no-op otherwise
+    return dataset
 
 
 # ---------------------------------------------------------------------------

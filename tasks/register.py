@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 import models
 from models import mlflow_model
 from models.pipeline import CONFIG_FILE, UNET_FILE, TextToImage
+from tasks import storage
 from tasks.contracts import EvalReport, RegisteredModel, TrainResult
 from tasks.settings import get_settings
 from tasks.tracking import ensure_experiment, set_alias
@@ -425,4 +426,5 @@ def register_task(
 ) -> RegisteredModel:
     """Prefect wrapper. No result caching: a retry re-enters `register_model`, which finds weights it
     already registered by their fingerprint instead of adding a second version."""
+    storage.pull(Path(train.run_dir))  # with an s3:// data root, when another machine trained it
     return register_model(train, report, config, tags)

@@ -266,10 +266,17 @@ def train_task(
 ) -> TrainResult:
     """Prefect wrapper. No result caching: a retry re-enters `train_model`, which resumes from
     the last checkpoint of the same run key (or returns the finished run). Keeps a Prefect
-    progress artifact, `train-progress`, at the last logged step."""
-    return train_model(
+    progress artifact, `train-progress`, at the last logged step. With an s3:// data root the
+    inputs are pulled first when this machine lacks them, and the finished run is pushed."""
+    from tasks import storage  # imports nothing heavy, but keep this module's imports prefect-free
+
+    storage.pull(Path(dataset.root))
+    storage.pull(Path(embeddings.path))
+    result = train_model(
         dataset, embeddings, config, mlflow_experiment=mlflow_experiment, progress=False, on_progress=_progress_artifact()
     )
+    storage.push(Path(result.run_dir))
+    return result
 
 
 def _progress_artifact(key: str = "train-progress") -> Callable[[int, int], None] | None:

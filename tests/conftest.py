@@ -218,3 +218,15 @@ def console_script(name: str) -> str:
     if found is None:
         pytest.fail(f"{name} not found next to {sys.executable} or on the PATH: install the project (`make install`)")
     return found
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """One intra-op thread for the test: with tiny tensors on a shared 2-core box a second thread
+    mostly spins (seen 50x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

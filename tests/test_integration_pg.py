@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 import mlflow
 from conftest import console_script, free_port
 from mlflow import MlflowClient
@@ -31,18 +30,9 @@ from test_register import report, save_tiny_model
 
 from tasks.register import CANDIDATE, CHAMPION, FINGERPRINT_TAG, RegisterConfig, register_model, sample_images
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_cpu_thread")]
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # as in test_register: tiny convolutions on a shared 2-core box run fastest on one thread
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @contextmanager

@@ -28,14 +28,7 @@ from tasks.settings import get_settings  # noqa: E402
 
 NAME = "t2i-test"
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions: on a shared 2-core box a second intra-op thread mostly spins (50x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny tensors: threads cost more than they save
 
 
 def save_tiny_model(directory, tiny_clip: str, seed: int) -> TrainResult:

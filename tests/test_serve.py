@@ -43,14 +43,7 @@ CHAMPION_URI = f"models:/{NAME}@champion"
 PROMPTS = ["a red circle in the top left", "a blue square"]
 RESOLUTION = 8
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions: on a shared 2-core box a second intra-op thread mostly spins (50x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny tensors: threads cost more than they save
 
 
 def _register(root: Path, tiny_clip: str) -> TrainResult:

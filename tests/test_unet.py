@@ -17,14 +17,7 @@ TINY = UNetConfig(channels=(16, 32), attention_levels=(False, True), head_dim=8,
 SMALLEST = UNetConfig(channels=(8, 16), attention_levels=(False, True), layers_per_block=1, head_dim=8,
                       norm_groups=4, context_dim=CTX_DIM)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tensors here are tiny: thread hand-offs cost more than they save, badly so on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny tensors: threads cost more than they save
 
 
 def randomized(cfg: UNetConfig, seed: int = 0) -> UNet:
