@@ -1,10 +1,11 @@
 """Caption-embedding throughput: the embed stage's batched, length-sorted path against a naive loop, same run.
 
-Batched: `tasks.embed.write_caption_shard`, what `embed_dataset` runs per shard: tokenize
-(over a `TokenizerPool` of worker processes on a GPU, started before the timing as the
-stage starts it once per run), sort by token length, encode `--batch` captions per call (bf16 autocast on CUDA), write one
-Parquet caption shard. Naive: `TextEncoder.encode([caption])` one caption at a time, each
-result copied to the host (no file). Both use the same random-init encoder (no download) on
+Batched: what `embed_dataset` runs over its shards: tokenize (over a `TokenizerPool` of
+worker processes on a GPU, started before the timing as the stage starts it once per run;
+the next shard tokenizing while this one encodes), sort by token length, encode `--batch`
+captions per call (bf16 autocast on CUDA), write Parquet caption shards from a writer
+thread. Naive: `TextEncoder.encode([caption])` one caption at a time, each result copied to
+the host (no file). Both use the same random-init encoder (no download) on
 distinct shapes-style captions of varied length, after an untimed warm-up. Prints one JSON
 line: captions/s of each, `speedup` = batched / naive, bytes written per caption, the
 tokenizer's own captions/s, and the targets (>= 10x on CPU; >= 25,000 captions/s for
@@ -32,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.text_encoder import TextEncoder, TextEncoderConfig, TokenizerPool  # noqa: E402
-from tasks.embed import TOKENIZE_CHUNK, EmbedConfig, _autocast, write_caption_shard  # noqa: E402
+from tasks.embed import TOKENIZE_CHUNK, EmbedConfig, _autocast, tokenized_ahead, write_caption_shard  # noqa: E402
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "cyan", "magenta", "grey", "pink"]
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "cross", "diamond", "heart"]
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tokenize-workers", type=int, default=None, help="tokenizer processes (default: as the embed stage, 0 on CPU)"
     )
     p.add_argument("--rounds", type=int, default=2, help="alternations of naive and batched timing")
+    p.add_argument("--shard", type=int, default=16384, help="captions per shard (the stage's captions_per_shard)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -113,12 +115,15 @@ def main(argv: list[str] | None = None) -> dict:
             synchronize(device)
             naive_s += time.perf_counter() - t0
 
-            shard = Path(tmp) / f"part-{r:05d}.parquet"
+            part = batched[r :: args.rounds]
+            shards = [part[i : i + args.shard] for i in range(0, len(part), args.shard)]
             t0 = time.perf_counter()
-            max_tokens = max(max_tokens, write_caption_shard(encoder, batched[r :: args.rounds], shard, batch, tokenize=pool))
+            for k, (captions, text) in enumerate(tokenized_ahead(shards, pool)):  # as the stage runs its shards
+                path = Path(tmp) / f"part-{r:02d}-{k:05d}.parquet"
+                max_tokens = max(max_tokens, write_caption_shard(encoder, captions, path, batch, text=text()))
             synchronize(device)
             batched_s += time.perf_counter() - t0
-            shard_bytes += shard.stat().st_size
+            shard_bytes += sum(p.stat().st_size for p in Path(tmp).glob(f"part-{r:02d}-*.parquet"))
 
     sample = batched[:20_000]
     t0 = time.perf_counter()
@@ -136,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": batch,
         "captions": len(batched),
         "rounds": args.rounds,
+        "shard": args.shard,
         "batched_captions_per_s": round(batched_rate, 2),
         "naive_captions": len(naive),
         "naive_captions_per_s": round(naive_rate, 2),

@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -312,13 +312,19 @@ class TokenizerPool:
 
     def __call__(self, captions: Sequence[str]) -> torch.Tensor:
         """(B, context_length) long, as `TextEncoder.tokenize`."""
+        return self.submit(captions)()
+
+    def submit(self, captions: Sequence[str]) -> Callable[[], torch.Tensor]:
+        """Start tokenizing `captions` in the workers and return at once; calling the result waits
+        for the ids. Without workers the work happens in that call instead."""
         captions = list(captions)
         if self._pool is None or len(captions) <= self.chunk_size:
-            return self.encoder.tokenize(captions)
+            return lambda: self.encoder.tokenize(captions)
         if not all(isinstance(c, str) for c in captions):
             raise TypeError("captions must be a list of str")
         chunks = [captions[i : i + self.chunk_size] for i in range(0, len(captions), self.chunk_size)]
-        return torch.from_numpy(np.concatenate(self._pool.map(_tokenize_chunk, chunks))).long()
+        pending = self._pool.map_async(_tokenize_chunk, chunks)
+        return lambda: torch.from_numpy(np.concatenate(pending.get())).long()
 
     def close(self) -> None:
         if self._pool is not None:

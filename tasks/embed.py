@@ -43,7 +43,9 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -373,32 +375,48 @@ def write_caption_shard(
     batch_size: int,
     on_batch: Callable[[int], object] | None = None,
     tokenize: Callable[[Sequence[str]], torch.Tensor] | None = None,
+    text: torch.Tensor | None = None,
 ) -> int:
     """Encode distinct `captions` in batches of similar token length and write one shard.
 
     Returns the longest token count. Batches go longest first, so a batch size too big
-    for the device fails on the first batch rather than the last. `tokenize` (a
-    `TokenizerPool`) replaces `encoder.tokenize`, with the same ids.
+    for the device fails on the first batch rather than the last. `text` (their token ids)
+    or `tokenize` (a `TokenizerPool`) replaces `encoder.tokenize`, with the same ids. A
+    writer thread turns each encoded batch into Arrow and writes it while the next one
+    encodes (on a GPU the two overlap; each part alone ran at 58k-77k captions/s on an H200).
     """
-    text = (tokenize or encoder.tokenize)(list(captions))  # (n, C), truncated as open_clip does
+    if text is None:
+        text = (tokenize or encoder.tokenize)(list(captions))  # (n, C), truncated as open_clip does
     lengths = _token_lengths(encoder, text)  # (n,)
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
     schema = caption_schema(encoder.width, encoder.pooled_dim)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(
-        path,
-        schema,
-        compression={"caption_id": "zstd", "caption": "zstd", "num_tokens": "zstd", "tokens": "none", "pooled": "none"},
-        use_dictionary=False,
-        write_statistics=["caption_id", "num_tokens"],
-    ) as writer:
+    with (
+        pq.ParquetWriter(
+            path,
+            schema,
+            compression={"caption_id": "zstd", "caption": "zstd", "num_tokens": "zstd", "tokens": "none", "pooled": "none"},
+            use_dictionary=False,
+            write_statistics=["caption_id", "num_tokens"],
+        ) as writer,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-write") as io_thread,
+    ):
+        pending: deque[Future] = deque()
+
+        def write(batch: list[str], encoding: TextEncoding) -> None:
+            writer.write_batch(_caption_record_batch(batch, encoding, schema))
+            if on_batch is not None:
+                on_batch(len(batch))
+
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             batch = [captions[i] for i in rows]
             encoding = _encode_batch(encoder, batch, text[rows, : int(lengths[rows[0]])])  # longest first
-            writer.write_batch(_caption_record_batch(batch, encoding, schema))
-            if on_batch is not None:
-                on_batch(len(batch))
+            pending.append(io_thread.submit(write, batch, encoding))
+            while len(pending) > 2 or (pending and pending[0].done()):  # at most 2 batches wait: bounded memory
+                pending.popleft().result()  # a failed write raises here
+        while pending:
+            pending.popleft().result()
     _fsync_file(path)
     return int(lengths.max())
 
@@ -579,16 +597,30 @@ def _write_caption_shards(
             tqdm(total=n, unit="caption", desc=f"embed {dataset.name}", disable=not progress) as bar,
             TokenizerPool(encoder, workers, TOKENIZE_CHUNK) as tokenize,
         ):
-            for k, chunk in enumerate(reader):
+            for k, (captions, text) in enumerate(tokenized_ahead((c.column(0).to_pylist() for c in reader), tokenize)):
                 name = f"captions/part-{k:05d}.parquet"
-                captions = chunk.column(0).to_pylist()
-                n_tok = write_caption_shard(encoder, captions, out / name, config.batch_size, bar.update, tokenize)
+                n_tok = write_caption_shard(encoder, captions, out / name, config.batch_size, bar.update, text=text())
                 longest = max(longest, n_tok)
                 names.append(name)
     finally:
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
     return names, n, longest
+
+
+def tokenized_ahead(
+    shards: Iterable[list[str]], tokenize: TokenizerPool
+) -> Iterator[tuple[list[str], Callable[[], torch.Tensor]]]:
+    """(captions, ids-when-called) per shard, the next shard's tokenization already started in
+    the pool's workers while the caller encodes this one."""
+    ahead = None
+    for captions in shards:
+        job = (captions, tokenize.submit(captions))
+        if ahead is not None:
+            yield ahead
+        ahead = job
+    if ahead is not None:
+        yield ahead
 
 
 def _write_image_shards(

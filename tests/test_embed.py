@@ -192,6 +192,26 @@ def test_streamed_shards_are_length_sorted_and_padding_length_is_the_callers(toy
         load_embeddings(es, "test")
 
 
+def test_tokenizer_workers_and_write_thread_give_the_serial_bytes(toy, config, tmp_path, monkeypatch):
+    # 8 distinct captions + "", 3 per shard; chunks of 2 so each shard goes to the 2 workers,
+    # the next shard tokenizing while this one encodes
+    serial = embed_dataset(toy, config.model_copy(update={"tokenize_workers": 0}), data_root=tmp_path / "serial", progress=False)
+    monkeypatch.setattr(embed_module, "TOKENIZE_CHUNK", 2)
+    calls: list[int] = []
+    original = embed_module.TokenizerPool.submit
+
+    def counting(self, captions):
+        calls.append(self.workers)
+        return original(self, captions)
+
+    monkeypatch.setattr(embed_module.TokenizerPool, "submit", counting)
+    pooled = embed_dataset(toy, config.model_copy(update={"tokenize_workers": 2}), data_root=tmp_path / "pool", progress=False)
+    assert calls == [2, 2, 2]  # three shards, all through the worker pool
+    for name in read_manifest(serial.path)["files"]["captions"]:
+        a, b = pq.read_table(Path(serial.path) / name), pq.read_table(Path(pooled.path) / name)
+        assert a.equals(b), name
+
+
 def test_caption_longer_than_the_context_is_truncated_as_open_clip_does(tmp_path, config, tiny_clip):
     long = " ".join(f"shape{i} colour{i}" for i in range(100))
     dataset = write_dataset(tmp_path / "long", {"train": [long, "short"], "val": []})
