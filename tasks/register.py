@@ -48,7 +48,7 @@ from models.pipeline import CONFIG_FILE, UNET_FILE, TextToImage
 from tasks import storage
 from tasks.contracts import EvalReport, RegisteredModel, TrainResult
 from tasks.settings import get_settings
-from tasks.tracking import ensure_experiment, set_alias
+from tasks.tracking import ensure_experiment, mlflow_uris, set_alias
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,9 @@ def register_model(
         log.info("model %s v%s already holds these weights (%s); not logging again", name, existing.version, fingerprint)
         mv = existing
     else:
-        model_uri = _log_pyfunc(client, train, config, pipe, checkpoint, fingerprint)
-        mv = _create_version(name, model_uri, version_tags)  # born with its fingerprint: a retry finds it
+        with mlflow_uris(get_settings().mlflow_tracking_uri):  # the fluent calls below read the global URIs
+            model_uri = _log_pyfunc(client, train, config, pipe, checkpoint, fingerprint)
+            mv = _create_version(name, model_uri, version_tags)  # born with its fingerprint: a retry finds it
 
     champion = _champion_version(client, name)
     if champion is not None and str(champion.version) == str(mv.version):
@@ -297,11 +298,8 @@ def _run_id(client: MlflowClient, train: TrainResult, config: RegisterConfig, fi
 def _log_pyfunc(
     client: MlflowClient, train: TrainResult, config: RegisterConfig, pipe: TextToImage, checkpoint: Path, fingerprint: str
 ) -> str:
-    """Log the pyfunc into the run; returns its model URI."""
+    """Log the pyfunc into the run (under `mlflow_uris`); returns its model URI."""
     run_id = _run_id(client, train, config, fingerprint)
-    uri = get_settings().mlflow_tracking_uri
-    mlflow.set_tracking_uri(uri)  # the fluent log_model reads the global URI; set here, never at import
-    mlflow.set_registry_uri(uri)
     with tempfile.TemporaryDirectory(prefix="t2i-register-") as tmp:
         tmp = Path(tmp)
         artifacts = mlflow_model.stage_artifacts(pipe, checkpoint, tmp / "artifacts")
@@ -324,7 +322,7 @@ def _log_pyfunc(
 
 
 def _create_version(name: str, model_uri: str, tags: dict[str, str]) -> ModelVersion:
-    # The fluent call (URIs set by _log_pyfunc) links the version to its logged model and run.
+    # The fluent call (under `mlflow_uris`) links the version to its logged model and run.
     return mlflow.register_model(model_uri, name, tags=tags)
 
 
@@ -386,9 +384,7 @@ def sample_images(
 
 def _pipeline_from_uri(uri: str, device: str) -> TextToImage:
     tracking = get_settings().mlflow_tracking_uri
-    mlflow.set_tracking_uri(tracking)
-    mlflow.set_registry_uri(tracking)
-    with tempfile.TemporaryDirectory(prefix="t2i-sample-") as tmp:
+    with mlflow_uris(tracking), tempfile.TemporaryDirectory(prefix="t2i-sample-") as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
         except MlflowException as exc:

@@ -5,7 +5,10 @@ Imported lazily by the stages (MLflow is not needed to import `tasks.train`).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -42,3 +45,29 @@ def set_alias(client: MlflowClient, name: str, alias: str, version: str | int, a
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))
+
+
+@contextlib.contextmanager
+def mlflow_uris(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs, which its fluent API reads, set to `uri`
+    for the block and put back afterwards: `set_*_uri` also exports MLFLOW_*_URI to every later
+    subprocess, and a URI left behind would send another caller's registrations elsewhere."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved_tracking = getattr(tracking_utils, "_tracking_uri", None)  # MLflow keeps these in module globals
+    saved_registry = getattr(registry_utils, "_registry_uri", None)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_tracking)
+        registry_utils._registry_uri = saved_registry
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 from test_register import report, save_tiny_model
 
 from tasks.register import CANDIDATE, CHAMPION, FINGERPRINT_TAG, RegisterConfig, register_model, sample_images
+from tasks.tracking import mlflow_uris
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_cpu_thread")]
 
@@ -111,19 +112,6 @@ def prefect_server(postgres, tmp_path_factory):
     url = f"http://127.0.0.1:{port}/api"
     with server(cmd, env, f"{url}/health", workdir):
         yield url
-
-
-@contextmanager
-def mlflow_uris(uri: str):
-    """MLflow's fluent API (process-global URIs) pointed at `uri` for the block."""
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
 
 
 def rows(postgres, database: str, query: str, *args) -> list[tuple]:

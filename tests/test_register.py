@@ -155,3 +155,15 @@ def test_prefect_task_retries_only_what_a_retry_can_fix():
     assert register_task.retries == 2
     assert _retry_unless_bad_input(None, None, _State(RegisterError("no such checkpoint"))) is False
     assert _retry_unless_bad_input(None, None, _State(MlflowException("database is locked"))) is True
+
+
+def test_registering_leaves_mlflows_global_uris_as_they_were(tiny_clip, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    trained = save_tiny_model(tmp_path / "run" / "model", tiny_clip, seed=3)
+    register_model(trained, report(0.9), RegisterConfig(model_name="t2i-uris"))
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ  # not inherited by children
