@@ -40,7 +40,7 @@ DaskOpt = Annotated[
     Optional[str],
     typer.Option(
         "--dask-address",
-        help="Dask scheduler (tcp://host:8786) to run ingest's shards on; default: T2I_DASK_ADDRESS, else local processes",
+        help="Dask scheduler (tcp://host:8786) to run ingest's and embed's shards on; default: T2I_DASK_ADDRESS, else this machine",
     ),
 ]
 
@@ -120,6 +120,7 @@ def embed(
     ] = False,
     preset: PresetOpt = "cpu-demo",
     set_: SetOpt = None,
+    dask_address: DaskOpt = None,
 ) -> None:
     """Precompute caption embeddings for a dataset version (idempotent)."""
     from tasks.embed import embed_from_path
@@ -131,7 +132,7 @@ def embed(
         overrides.append(f"embed.encoder.model_name='{model_name}'")
     if allow_random_init:
         overrides.append("embed.encoder.allow_random_init=true")
-    result = embed_from_path(dataset_dir, _preset(preset, overrides).embed)
+    result = embed_from_path(dataset_dir, _preset(preset, overrides).embed, dask_address=dask_address)
     _echo_json("embedding set", result)
 
 

@@ -68,7 +68,7 @@ class PipelineParams(BaseModel):
     dask_address: str | None = Field(
         None,
         title="Dask scheduler",
-        description="tcp://host:8786 to run ingest's shards on; empty: T2I_DASK_ADDRESS, else a local process pool",
+        description="tcp://host:8786 to run ingest's and embed's shards on; empty: T2I_DASK_ADDRESS, else this machine",
     )
     train_timeout_hours: float = Field(
         24.0, title="Training timeout (hours)", gt=0,
@@ -178,7 +178,7 @@ def ingest_embed_flow(params: PipelineParams = PipelineParams()) -> EmbeddingSet
     """Sub-flow: ingest, then precompute the caption embeddings."""
     preset = params.to_preset()
     dataset = ingest_flow(params)
-    return run_stage(embed_task, dataset, preset.embed)
+    return run_stage(embed_task, dataset, preset.embed, dask_address=params.dask_address)
 
 
 @flow(name="evaluate-and-register", log_prints=True)
@@ -201,7 +201,7 @@ def text_to_image_pipeline(params: PipelineParams = PipelineParams()) -> Pipelin
     source = params.source or run_stage(shapes_task, preset.shapes)
     dataset = run_stage(ingest_task, source, params.dataset_name, preset.ingest, dask_address=params.dask_address)
     publish_dataset(dataset)
-    embeddings = run_stage(embed_task, dataset, preset.embed)
+    embeddings = run_stage(embed_task, dataset, preset.embed, dask_address=params.dask_address)
     started = time.perf_counter()
     trained = run_stage(train_task, dataset, embeddings, preset.train, timeout_s=params.train_timeout_hours * _HOUR)
     publish_training(trained, wall_s=time.perf_counter() - started)

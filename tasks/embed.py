@@ -34,6 +34,7 @@ benchmark box) `embed_task` is the plain function, and everything else works.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -43,6 +44,7 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,6 +66,7 @@ from tqdm.auto import tqdm
 from models.checkpoint import fsync_dir
 from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizerPool
 from tasks import storage
+from tasks.cluster import dask_client, require_distributed
 from tasks.contracts import DatasetVersion, EmbeddingSet
 from tasks.settings import get_settings
 
@@ -161,18 +164,24 @@ def embed_dataset(
     config: EmbedConfig,
     data_root: Path | None = None,
     progress: bool = True,
+    dask_address: str | None = None,
 ) -> EmbeddingSet:
     """Embed `dataset` with the configured encoder; return the published (or already published) set.
+
+    `dask_address` (default: the T2I_DASK_ADDRESS setting) encodes the caption shards on that
+    Dask cluster's workers (each on its GPU when it has one) instead of here; they must see
+    the data root at the same path. Same shards either way.
 
     Raises EmbedError for an empty dataset, an encoder that cannot be built (e.g. no
     weights and allow_random_init unset) or a stored set that does not match.
     """
+    dask_address = dask_address or get_settings().dask_address or None
     _check_dataset(dataset)
     device = resolve_device(config.device)
     encoder = build_encoder(config, device)
     final = embeddings_dir(data_root) / dataset.version / encoder.identity_id
     if not (final / MANIFEST_NAME).is_file():
-        _build_and_publish(dataset, config, encoder, final, progress)
+        _build_and_publish(dataset, config, encoder, final, progress, dask_address)
     manifest = read_manifest(final)
     _check_published(manifest, dataset, encoder, final)
     if config.encode_val_images and not manifest["val_images"]:
@@ -298,13 +307,14 @@ def embed_from_path(
     config: EmbedConfig | dict[str, Any],
     data_root: Path | None = None,
     progress: bool = True,
+    dask_address: str | None = None,
 ) -> EmbeddingSet:
     """CLI entry: a published dataset version directory (or its manifest.json) -> its embedding set."""
     from tasks.ingest import load_dataset_version  # here, not at the top: tasks.ingest needs Prefect
 
     root = Path(dataset_root)
     dataset = load_dataset_version(root.parent if root.name == MANIFEST_NAME else root)
-    return embed_dataset(dataset, EmbedConfig.model_validate(config), data_root, progress)
+    return embed_dataset(dataset, EmbedConfig.model_validate(config), data_root, progress, dask_address)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -487,7 +497,8 @@ def _split_files(dataset: DatasetVersion, split: str) -> list[Path]:
 
 
 def _build_and_publish(
-    dataset: DatasetVersion, config: EmbedConfig, encoder: TextEncoder, final: Path, progress: bool
+    dataset: DatasetVersion, config: EmbedConfig, encoder: TextEncoder, final: Path, progress: bool,
+    dask_address: str | None = None,
 ) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(final.parent)
@@ -497,7 +508,7 @@ def _build_and_publish(
         counts: dict[str, int] = {}
         for split in SPLITS:
             files[split], counts[split] = _write_row_shards(dataset, split, tmp)
-        files["captions"], counts["captions"], longest = _write_caption_shards(dataset, config, encoder, tmp, progress)
+        files["captions"], counts["captions"], longest = _write_caption_shards(dataset, config, encoder, tmp, progress, dask_address)
         files["val_images"], counts["val_images"] = [], 0
         if config.encode_val_images:
             files["val_images"], counts["val_images"] = _write_image_shards(dataset, config, encoder, tmp, progress)
@@ -571,7 +582,8 @@ def _write_row_shards(dataset: DatasetVersion, split: str, out: Path) -> tuple[l
 
 
 def _write_caption_shards(
-    dataset: DatasetVersion, config: EmbedConfig, encoder: TextEncoder, out: Path, progress: bool
+    dataset: DatasetVersion, config: EmbedConfig, encoder: TextEncoder, out: Path, progress: bool,
+    dask_address: str | None = None,
 ) -> tuple[list[str], int, int]:
     """Every distinct caption of train + val, and "", encoded once -> (files, count, longest)."""
     sources = [str(p) for s in SPLITS for p in _split_files(dataset, s)]
@@ -590,22 +602,83 @@ def _write_caption_shards(
         )
         [(n,)] = con.execute("SELECT count(*) FROM captions").fetchall()
         reader = con.sql("SELECT caption FROM captions ORDER BY caption").to_arrow_reader(config.captions_per_shard)
-        names, longest = [], 0
-        chunks = -(-n // TOKENIZE_CHUNK)  # a pool pays off only with chunks to share out
-        workers = min(config.resolved_tokenize_workers(encoder.device), chunks) if chunks > 1 else 0
-        with (
-            tqdm(total=n, unit="caption", desc=f"embed {dataset.name}", disable=not progress) as bar,
-            TokenizerPool(encoder, workers, TOKENIZE_CHUNK) as tokenize,
-        ):
-            for k, (captions, text) in enumerate(tokenized_ahead((c.column(0).to_pylist() for c in reader), tokenize)):
-                name = f"captions/part-{k:05d}.parquet"
-                n_tok = write_caption_shard(encoder, captions, out / name, config.batch_size, bar.update, text=text())
-                longest = max(longest, n_tok)
-                names.append(name)
+        shards = (c.column(0).to_pylist() for c in reader)
+        with tqdm(total=n, unit="caption", desc=f"embed {dataset.name}", disable=not progress) as bar:
+            if dask_address:
+                names, longest = _encode_shards_on_dask(dask_address, shards, encoder, config, out, bar.update)
+            else:
+                names, longest = _encode_shards_here(shards, n, encoder, config, out, bar.update)
     finally:
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
     return names, n, longest
+
+
+def _shard_name(k: int) -> str:
+    return f"captions/part-{k:05d}.parquet"
+
+
+def _encode_shards_here(
+    shards: Iterable[list[str]], n: int, encoder: TextEncoder, config: EmbedConfig, out: Path,
+    on_batch: Callable[[int], object],
+) -> tuple[list[str], int]:
+    chunks = -(-n // TOKENIZE_CHUNK)  # a tokenizer pool pays off only with chunks to share out
+    workers = min(config.resolved_tokenize_workers(encoder.device), chunks) if chunks > 1 else 0
+    names, longest = [], 0
+    with TokenizerPool(encoder, workers, TOKENIZE_CHUNK) as tokenize:
+        for k, (captions, text) in enumerate(tokenized_ahead(shards, tokenize)):
+            names.append(_shard_name(k))
+            n_tok = write_caption_shard(encoder, captions, out / names[-1], config.batch_size, on_batch, text=text())
+            longest = max(longest, n_tok)
+    return names, longest
+
+
+def _encode_shards_on_dask(
+    address: str, shards: Iterable[list[str]], encoder: TextEncoder, config: EmbedConfig, out: Path,
+    on_batch: Callable[[int], object],
+) -> tuple[list[str], int]:
+    """Each shard encoded by a Dask worker into `out` (shared storage); results in shard order.
+    The encoder goes to every worker once (scattered), not with each shard."""
+    try:
+        require_distributed(address, "embed")
+    except RuntimeError as exc:  # retrying cannot fix a missing package
+        raise EmbedError(str(exc)) from None
+    cpu_copy = copy.deepcopy(encoder).to("cpu")  # workers pick their own device
+    names, longest = [], 0
+    with dask_client(address) as client:
+        [remote_encoder] = client.scatter([cpu_copy], broadcast=True, hash=False)
+        in_flight: deque[tuple[Any, int]] = deque()  # (distributed.Future, captions)
+        limit = 2 * sum(client.nthreads().values())  # bounded: shards wait in memory, not all of them
+
+        def collect() -> None:
+            nonlocal longest
+            future, count = in_flight.popleft()
+            longest = max(longest, int(future.result()))
+            on_batch(count)
+
+        for k, captions in enumerate(shards):
+            names.append(_shard_name(k))
+            future = client.submit(
+                encode_shard_on_worker, remote_encoder, captions, str(out / names[-1]), config.batch_size, pure=False
+            )
+            in_flight.append((future, len(captions)))
+            while len(in_flight) >= limit:
+                collect()
+        while in_flight:
+            collect()
+    return names, longest
+
+
+_worker_lock = threading.Lock()
+
+
+def encode_shard_on_worker(encoder: TextEncoder, captions: list[str], path: str, batch_size: int) -> int:
+    """Runs on a Dask worker: the scattered encoder moves to this worker's GPU (once), then one shard."""
+    with _worker_lock:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if encoder.device != device:
+            encoder.to(device)
+    return write_caption_shard(encoder, captions, Path(path), batch_size)
 
 
 def tokenized_ahead(
@@ -859,10 +932,15 @@ def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     cache_key_fn=_embed_cache_key,
     persist_result=True,
 )
-def embed_task(dataset: DatasetVersion, config: EmbedConfig, data_root: str | None = None) -> EmbeddingSet:
+def embed_task(
+    dataset: DatasetVersion, config: EmbedConfig, data_root: str | None = None, dask_address: str | None = None
+) -> EmbeddingSet:
     """Prefect wrapper of `embed_dataset` (no progress bar: Prefect logs are not a terminal). With an
-    s3:// data root the dataset is pulled first when this machine lacks it, and the set pushed after."""
+    s3:// data root the dataset is pulled first when this machine lacks it, and the set pushed after.
+    `dask_address` is not in the cache key: where the shards were encoded does not change the set."""
     storage.pull(Path(dataset.root))
-    embeddings = embed_dataset(dataset, config, Path(data_root) if data_root else None, progress=False)
+    embeddings = embed_dataset(
+        dataset, config, Path(data_root) if data_root else None, progress=False, dask_address=dask_address
+    )
     storage.push(Path(embeddings.path))
     return embeddings

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from models.checkpoint import fsync_dir
 from tasks import storage
+from tasks.cluster import dask_client, require_distributed
 from tasks.contracts import DatasetVersion
 from tasks.image_io import (
     IMAGE_EXTENSIONS,
@@ -637,24 +638,10 @@ def _unit_executor(workers: int, dask_address: str | None) -> Iterator[tuple[Exe
         return
 
     try:
-        from distributed import Client
-    except ImportError:
-        raise IngestError(
-            f"dask_address={dask_address!r} needs dask.distributed: pip install 't2i-pipeline[dask]', "
-            "or unset T2I_DASK_ADDRESS to ingest with the local process pool"
-        ) from None
-    # Not IngestError below: an unreachable scheduler or a cluster still starting its workers is
-    # what a retry of the Prefect task can fix.
-    try:
-        client = Client(dask_address, set_as_default=False, timeout="30s")
-    except OSError as exc:
-        raise ConnectionError(f"cannot reach the Dask scheduler at {dask_address}: {exc}") from exc
-    with client:
-        if not client.nthreads():
-            try:
-                client.wait_for_workers(1, timeout=30)
-            except TimeoutError:
-                raise TimeoutError(f"the Dask cluster at {dask_address} has had no workers for 30 s; start some") from None
+        require_distributed(dask_address, "ingest")
+    except RuntimeError as exc:  # retrying cannot fix a missing package
+        raise IngestError(str(exc)) from None
+    with dask_client(dask_address) as client:
         threads = sum(client.nthreads().values())
         # pure=False: every submission runs, even of a unit Dask has seen before (it writes files).
         pool = client.get_executor(pure=False)
