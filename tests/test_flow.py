@@ -7,7 +7,6 @@ import time
 import warnings
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 from prefect import flow
@@ -64,7 +63,6 @@ def test_pipeline_registers_a_model_and_second_run_hits_the_cache(prefect_api, t
     assert version.tags["encoder_id"] == summary.embeddings.encoder_id
     assert version.tags["prefect_flow_run_id"] == str(state.state_details.flow_run_id)
     assert "eval.attr_accuracy" in version.tags
-    mlflow.set_tracking_uri(get_settings().mlflow_tracking_uri)
     from tasks.register import sample_images
 
     (image,) = sample_images("models:/t2i-e2e@champion", ["a red circle"], steps=2)

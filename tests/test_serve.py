@@ -125,7 +125,8 @@ def test_load_by_alias_generate_and_sample_images(registered):
     # The CLI's path: prompt i from seed + i, from a models:/ URI, a runs:/ URI or the saved dir.
     from_registry = sample_images(CHAMPION_URI, PROMPTS, seed=5, steps=4)
     from_dir = sample_images(registered.checkpoint, PROMPTS, seed=5, steps=4)
-    run_id = MlflowClient(get_settings().mlflow_tracking_uri).get_model_version(NAME, "1").run_id
+    uri = get_settings().mlflow_tracking_uri
+    run_id = MlflowClient(uri, registry_uri=uri).get_model_version(NAME, "1").run_id
     from_run = sample_images(f"runs:/{run_id}/model", PROMPTS[:1], seed=5, steps=4)
     for i, b64 in enumerate(out):
         assert np.array_equal(np.asarray(from_registry[i]), _pixels(b64))
@@ -171,7 +172,8 @@ class _Payload:
 def test_tampered_weights_in_the_registry_are_refused(tmp_path, tiny_clip, monkeypatch):
     _use_store(_store_env(tmp_path), monkeypatch)  # a store of its own: this test breaks it
     _register(tmp_path, tiny_clip)
-    client = MlflowClient(get_settings().mlflow_tracking_uri)
+    uri = get_settings().mlflow_tracking_uri
+    client = MlflowClient(uri, registry_uri=uri)
     model_id = client.get_model_version(NAME, "1").source.removeprefix("models:/")
     # The store's own copy (a local file store here), not a download of it.
     stored = Path(urllib.parse.urlparse(client.get_logged_model(model_id).artifact_location).path)

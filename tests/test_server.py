@@ -286,7 +286,8 @@ def test_served_deployment_runs_a_flow_run_created_through_the_api(
         assert run["deployment_id"] == dep["id"] and run["parameters"] == run_params
 
         # the edited model name reached the registry, with this flow run's id on the version
-        client = MlflowClient(tracking_uri=get_settings().mlflow_tracking_uri)
+        uri = get_settings().mlflow_tracking_uri
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not MLflow's process-wide registry URI
         assert [m.name for m in client.search_registered_models()] == ["t2i-served"]
         version = client.get_model_version_by_alias("t2i-served", "candidate")
         assert version.tags["prefect_flow_run_id"] == flow_run_id
