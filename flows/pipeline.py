@@ -20,14 +20,16 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from prefect import Task, flow
+from prefect import Task, flow, get_run_logger
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.artifacts import publish_dataset, publish_grid, publish_registry, publish_training
+from tasks import storage
 from tasks.contracts import DatasetVersion, EmbeddingSet, EvalReport, RegisteredModel, TrainResult
 from tasks.embed import embed_task
 from tasks.evaluate import evaluate_task
@@ -147,12 +149,41 @@ class StageFailed(RuntimeError):
 
 
 def run_stage(stage_task: Task[..., R], *args: Any, timeout_s: float | None = None, **kwargs: Any) -> R:
-    """Call a stage task under its STAGE_POLICIES entry; its final failure is raised as StageFailed."""
+    """Call a stage task under its STAGE_POLICIES entry; its final failure is raised as StageFailed.
+
+    A cached result whose output is gone (`make clean`, a wiped volume) is not trusted: the
+    task runs again with its cache refreshed, which rebuilds (or, with an s3:// data root,
+    first tries to pull) what the descriptor names."""
     policy = STAGE_POLICIES[stage_task.name]
     try:
-        return policy.apply(stage_task, timeout_s)(*args, **kwargs)
+        result = policy.apply(stage_task, timeout_s)(*args, **kwargs)
+        if _output_missing(result):
+            log = get_run_logger()
+            log.warning("cached %s output %s is gone; running %s again", stage_task.name, _output_dir(result), stage_task.name)
+            result = policy.apply(stage_task.with_options(refresh_cache=True), timeout_s)(*args, **kwargs)
+        return result
     except Exception as exc:
         raise StageFailed(stage_task.name, exc) from exc
+
+
+def _output_dir(result: object) -> Path | None:
+    if isinstance(result, DatasetVersion):
+        return Path(result.root)
+    if isinstance(result, EmbeddingSet):
+        return Path(result.path)
+    return None
+
+
+def _output_missing(result: object) -> bool:
+    """A published dataset version or embedding set (manifest last) that is neither here nor pullable."""
+    directory = _output_dir(result)
+    if directory is None or (directory / "manifest.json").is_file():
+        return False
+    try:
+        storage.pull(directory)
+    except storage.StorageError:
+        return True
+    return not (directory / "manifest.json").is_file()
 
 
 class PipelineSummary(BaseModel):

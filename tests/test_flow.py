@@ -3,6 +3,7 @@
 import base64
 import json
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -83,6 +84,16 @@ def test_pipeline_registers_a_model_and_second_run_hits_the_cache(prefect_api, t
     assert second.result().dataset == summary.dataset
     assert second.result().train.run_dir == summary.train.run_dir
     assert second_s < first_s, (first_s, second_s)
+
+    # outputs deleted behind the cache's back (`make clean`): the cached descriptors are not
+    # trusted, ingest and embed run again and the flow completes
+    shutil.rmtree(summary.dataset.root)
+    shutil.rmtree(summary.embeddings.path)
+    third = text_to_image_pipeline(params, return_state=True)
+    assert third.is_completed(), third.message
+    assert (Path(summary.dataset.root) / "manifest.json").is_file()
+    assert (Path(summary.embeddings.path) / "manifest.json").is_file()
+    assert third.result().dataset.version == summary.dataset.version
 
 
 def _check_artifacts(flow_run_id, summary) -> None:
