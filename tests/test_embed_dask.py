@@ -12,22 +12,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from distributed import LocalCluster, get_task_stream
+from distributed import get_task_stream
 from test_embed import TRAIN, VAL, write_dataset
 
 import tasks.embed as embed_module
 from tasks.embed import EmbedConfig, EmbedError, embed_dataset, load_embeddings, read_manifest
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-    ) as cluster:
-        yield cluster
-
-
-def test_dask_workers_write_the_same_shards(cluster, tmp_path, tiny_clip, monkeypatch):
+def test_dask_workers_write_the_same_shards(dask_cluster, tmp_path, tiny_clip, monkeypatch):
     from distributed import Client
 
     dataset = write_dataset(tmp_path / "dataset", {"train": TRAIN * 3, "val": VAL}, parts=2)
@@ -38,8 +30,8 @@ def test_dask_workers_write_the_same_shards(cluster, tmp_path, tiny_clip, monkey
         raise AssertionError("embedded on this machine although a Dask address was given")
 
     monkeypatch.setattr(embed_module, "_encode_shards_here", refuse)
-    with Client(cluster.scheduler_address) as watcher, get_task_stream(client=watcher) as stream:
-        there = embed_dataset(dataset, config, data_root=tmp_path / "there", progress=False, dask_address=cluster.scheduler_address)
+    with Client(dask_cluster.scheduler_address) as watcher, get_task_stream(client=watcher) as stream:
+        there = embed_dataset(dataset, config, data_root=tmp_path / "there", progress=False, dask_address=dask_cluster.scheduler_address)
     shard_tasks = [t for t in stream.data if t["key"].startswith("encode_shard_on_worker")]
     files = read_manifest(here.path)["files"]["captions"]
     assert len(files) == 3 and len(shard_tasks) == len(files)  # 8 distinct captions and "", 3 per shard

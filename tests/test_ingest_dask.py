@@ -12,8 +12,7 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
-from distributed import Client, LocalCluster, get_task_stream
+from distributed import Client, get_task_stream
 
 from tasks import ingest as ingest_module
 from tasks.contracts import DatasetVersion
@@ -21,14 +20,6 @@ from tasks.ingest import FILES_PER_UNIT, IngestConfig, ingest_dataset
 from tasks.shapes import ShapesConfig, generate_shapes
 
 N_IMAGES = 300  # three work units of FILES_PER_UNIT
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-    ) as cluster:
-        yield cluster
 
 
 def refuse_local_pool(*args, **kwargs):
@@ -48,24 +39,24 @@ def manifest(dv: DatasetVersion) -> dict:
     return json.loads(Path(dv.manifest).read_text())
 
 
-def test_dask_cluster_ingest_equals_local_pool(tmp_path, cluster, monkeypatch):
+def test_dask_cluster_ingest_equals_local_pool(tmp_path, dask_cluster, monkeypatch):
     source = generate_shapes(tmp_path / "shapes", ShapesConfig(n_images=N_IMAGES, seed=5))
     config = IngestConfig(workers=2)
     local = ingest_dataset(source, "shapes", config, data_root=tmp_path / "local", progress=False)
 
     with (
         monkeypatch.context() as patch,
-        Client(cluster.scheduler_address, set_as_default=False) as client,
+        Client(dask_cluster.scheduler_address, set_as_default=False) as client,
         get_task_stream(client) as stream,
     ):
         patch.setattr(ingest_module, "ProcessPoolExecutor", refuse_local_pool)
         on_dask = ingest_dataset(
             source, "shapes", config, data_root=tmp_path / "dask", progress=False,
-            dask_address=cluster.scheduler_address,
+            dask_address=dask_cluster.scheduler_address,
         )  # fmt: skip
     units = [t for t in stream.data if str(t["key"]).startswith("stage_unit-")]
     assert len(units) == -(-N_IMAGES // FILES_PER_UNIT), "every work unit ran once, on the cluster"
-    assert {t["worker"] for t in units} <= set(cluster.scheduler_info["workers"])
+    assert {t["worker"] for t in units} <= set(dask_cluster.scheduler_info["workers"])
 
     assert on_dask.version == local.version and on_dask.counts == local.counts
     assert local.counts["train"] + local.counts["val"] > 250
@@ -75,9 +66,9 @@ def test_dask_cluster_ingest_equals_local_pool(tmp_path, cluster, monkeypatch):
         assert manifest(on_dask)[key] == manifest(local)[key], key
 
 
-def test_dask_address_comes_from_the_setting(tmp_path, cluster, monkeypatch):
+def test_dask_address_comes_from_the_setting(tmp_path, dask_cluster, monkeypatch):
     source = generate_shapes(tmp_path / "shapes", ShapesConfig(n_images=40, seed=1))
     monkeypatch.setattr(ingest_module, "ProcessPoolExecutor", refuse_local_pool)
-    monkeypatch.setenv("T2I_DASK_ADDRESS", cluster.scheduler_address)
+    monkeypatch.setenv("T2I_DASK_ADDRESS", dask_cluster.scheduler_address)
     dv = ingest_dataset(source, "small", IngestConfig(workers=2), progress=False)
     assert dv.counts["train"] + dv.counts["val"] + dv.counts["rejects"] == 40
