@@ -183,32 +183,22 @@ def load_train_data(
             f"{embeddings.path} (first: {missing[:3]}); re-run the embed stage for this dataset version"
         )
     rows = torch.tensor([row_of[i] for i in ids], dtype=torch.long)
-    if on_disk:  # one token-state row per distinct caption, left in its file
-        return TrainData(
-            ids=ids,
-            captions=captions,
-            images=images,
-            tokens=emb.tokens,
-            mask=emb.mask.bool(),
-            pooled=emb.pooled.float(),
-            uncond_tokens=emb.uncond_tokens,
-            uncond_mask=emb.uncond_mask.bool(),
-            uncond_pooled=emb.uncond_pooled.float(),
-            flippable=flippable_mask(captions, flip),
-            caption_rows=emb.caption_rows[rows],
-            on_disk=True,
-        )
+    # In memory: caption tables gathered row-aligned with the images. On disk: one token-state
+    # row per distinct caption, left in its file, and each sample's row in caption_rows.
+    per_row = slice(None) if on_disk else rows
     return TrainData(
         ids=ids,
         captions=captions,
         images=images,
-        tokens=emb.tokens[rows],
-        mask=emb.mask[rows].bool(),
-        pooled=emb.pooled[rows].float(),
+        tokens=emb.tokens[per_row],
+        mask=emb.mask[per_row].bool(),
+        pooled=emb.pooled[per_row].float(),
         uncond_tokens=emb.uncond_tokens,
         uncond_mask=emb.uncond_mask.bool(),
         uncond_pooled=emb.uncond_pooled.float(),
         flippable=flippable_mask(captions, flip),
+        caption_rows=emb.caption_rows[rows] if on_disk else None,
+        on_disk=on_disk,
     )
 
 

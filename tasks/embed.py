@@ -274,31 +274,19 @@ def load_embeddings(
     image_embeds = None
     if split == "val" and manifest["val_images"]:
         image_embeds = _load_image_embeds(root, manifest, ids, pooled_dim)
-    if per_caption:
-        return LoadedEmbeddings(
-            split=split,
-            ids=ids,
-            tokens=tokens_u,
-            mask=mask_u,
-            lengths=lengths_u,
-            pooled=pooled_u,
-            uncond_tokens=tokens_u[:1].clone(),
-            uncond_mask=mask_u[:1].clone(),
-            uncond_pooled=pooled_u[:1].clone(),
-            image_embeds=image_embeds,
-            caption_rows=index,
-        )
+    rows = slice(None) if per_caption else index  # per caption: the tables themselves, plus caption_rows
     return LoadedEmbeddings(
         split=split,
         ids=ids,
-        tokens=tokens_u[index],
-        mask=mask_u[index],
-        lengths=lengths_u[index],
-        pooled=pooled_u[index],
+        tokens=tokens_u[rows],
+        mask=mask_u[rows],
+        lengths=lengths_u[rows],
+        pooled=pooled_u[rows],
         uncond_tokens=tokens_u[:1].clone(),
         uncond_mask=mask_u[:1].clone(),
         uncond_pooled=pooled_u[:1].clone(),
         image_embeds=image_embeds,
+        caption_rows=index if per_caption else None,
     )
 
 
@@ -384,19 +372,18 @@ def write_caption_shard(
     path: Path,
     batch_size: int,
     on_batch: Callable[[int], object] | None = None,
-    tokenize: Callable[[Sequence[str]], torch.Tensor] | None = None,
     text: torch.Tensor | None = None,
 ) -> int:
     """Encode distinct `captions` in batches of similar token length and write one shard.
 
     Returns the longest token count. Batches go longest first, so a batch size too big
-    for the device fails on the first batch rather than the last. `text` (their token ids)
-    or `tokenize` (a `TokenizerPool`) replaces `encoder.tokenize`, with the same ids. A
+    for the device fails on the first batch rather than the last. `text`, their token ids
+    (e.g. from a `TokenizerPool`), saves tokenizing them here. A
     writer thread turns each encoded batch into Arrow and writes it while the next one
     encodes (on a GPU the two overlap; each part alone ran at 58k-77k captions/s on an H200).
     """
     if text is None:
-        text = (tokenize or encoder.tokenize)(list(captions))  # (n, C), truncated as open_clip does
+        text = encoder.tokenize(list(captions))  # (n, C), truncated as open_clip does
     lengths = _token_lengths(encoder, text)  # (n,)
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
     schema = caption_schema(encoder.width, encoder.pooled_dim)

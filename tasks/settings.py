@@ -25,8 +25,8 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None  # an S3-compatible store (MinIO): http://127.0.0.1:9000
     mlflow_tracking_uri: str = "sqlite:///mlflow.db"
     mlflow_artifact_root: str = "mlartifacts"
-    # A Dask scheduler (e.g. tcp://10.0.0.5:8786) that ingest stages its shards on; None: a local
-    # process pool. Its workers must see data_root at the same path.
+    # A Dask scheduler (e.g. tcp://10.0.0.5:8786) that ingest and embed run their shards on; None:
+    # this machine. Its workers must see data_root at the same path.
     dask_address: str | None = None
 
     @model_validator(mode="before")

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -996,10 +996,7 @@ def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | No
 def _auto_storage(dataset: DatasetVersion, embeddings: EmbeddingSet) -> str:
     """"disk" when the decoded train split (images + padded token states, an upper bound) would
     take more than half of the RAM available now, else "memory"."""
-    from tasks.embed import read_manifest
-
-    n, res = int(dataset.counts.get("train", 0)), dataset.resolution
-    width = int(read_manifest(embeddings.path)["encoder"]["width"])
+    n, res, width = int(dataset.counts.get("train", 0)), dataset.resolution, embeddings.width
     need = n * (3 * res * res + embeddings.num_tokens * width * 2 + embeddings.num_tokens + 4 * width)
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -1012,30 +1009,25 @@ def _place_data(data: TrainData, device: torch.device) -> TrainData:
     """Everything on the device when it fits in half of the free memory; otherwise the images and
     token states stay in pinned host memory and each step copies its rows over. Memory-mapped
     data stays where it is (pinning would read it all into RAM); only the small tables move."""
+    small = {
+        "uncond_tokens": data.uncond_tokens.to(device),
+        "uncond_mask": data.uncond_mask.to(device),
+        "uncond_pooled": data.uncond_pooled.to(device),
+    }
     if data.on_disk:
-        return TrainData(
-            ids=data.ids, captions=data.captions, images=data.images, tokens=data.tokens, mask=data.mask,
-            pooled=data.pooled, flippable=data.flippable, caption_rows=data.caption_rows, on_disk=True,
-            uncond_tokens=data.uncond_tokens.to(device), uncond_mask=data.uncond_mask.to(device),
-            uncond_pooled=data.uncond_pooled.to(device),
-        )  # fmt: skip
+        return replace(data, **small)
     if device.type != "cuda":
         return data.to(device)
     free, _ = torch.cuda.mem_get_info(device)
     if data.nbytes() < free // 2:
         return data.to(device)
     log.warning("training data (%.1f GiB) does not fit on %s; keeping it in pinned host memory", data.nbytes() / 2**30, device)
-    small = {
-        "uncond_tokens": data.uncond_tokens.to(device),
-        "uncond_mask": data.uncond_mask.to(device),
-        "uncond_pooled": data.uncond_pooled.to(device),
+    pinned = {
+        name: getattr(data, name).pin_memory()
+        for name in ("images", "tokens", "mask", "pooled", "flippable", "caption_rows")
+        if getattr(data, name) is not None
     }
-    rows = data.caption_rows.pin_memory() if data.caption_rows is not None else None
-    return TrainData(
-        ids=data.ids, captions=data.captions, images=data.images.pin_memory(), tokens=data.tokens.pin_memory(),
-        mask=data.mask.pin_memory(), pooled=data.pooled.pin_memory(), flippable=data.flippable.pin_memory(),
-        caption_rows=rows, **small,
-    )
+    return replace(data, **pinned, **small)
 
 
 def _pick_sample_captions(data: TrainData, n: int) -> tuple[list[str], list[int]]:

@@ -11,20 +11,25 @@ from models.text_encoder import TextEncoder, TextEncoderConfig
 from models.unet import UNet, UNetConfig
 
 
-@pytest.fixture
-def pipe(tiny_clip) -> TextToImage:
-    torch.manual_seed(0)
+def tiny_pipe(tiny_clip: str, seed: int, pooled: bool = False, extra: dict | None = None) -> TextToImage:
+    """A toy TextToImage; with `pooled`, its UNet also takes the pooled caption embedding."""
+    torch.manual_seed(seed)
     encoder = TextEncoder(TextEncoderConfig(model_name=tiny_clip, allow_random_init=True, random_init_seed=3))
     unet = UNet(
         UNetConfig(channels=(16, 32), attention_levels=(False, True), layers_per_block=1, head_dim=8,
-                   norm_groups=8, context_dim=encoder.width)
+                   norm_groups=8, context_dim=encoder.width, pooled_dim=encoder.pooled_dim if pooled else None)
     )
     # conv_out is zero-initialised; perturb every weight so outputs depend on the prompt
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
     schedule = NoiseSchedule(ScheduleConfig(num_train_timesteps=100))
-    return TextToImage(unet, schedule, encoder, resolution=8, extra={"step": 0})
+    return TextToImage(unet, schedule, encoder, resolution=8, extra=extra)
+
+
+@pytest.fixture
+def pipe(tiny_clip) -> TextToImage:
+    return tiny_pipe(tiny_clip, seed=0, extra={"step": 0})
 
 
 def test_same_seed_same_image_and_prompts_matter(pipe):
@@ -112,16 +117,7 @@ def test_load_of_a_non_model_dir_is_a_clear_error(tmp_path):
 @pytest.fixture
 def pooled_pipe(tiny_clip) -> TextToImage:
     """A pipeline whose UNet also takes the pooled caption embedding (global text conditioning)."""
-    torch.manual_seed(1)
-    encoder = TextEncoder(TextEncoderConfig(model_name=tiny_clip, allow_random_init=True, random_init_seed=3))
-    unet = UNet(
-        UNetConfig(channels=(16, 32), attention_levels=(False, True), layers_per_block=1, head_dim=8,
-                   norm_groups=8, context_dim=encoder.width, pooled_dim=encoder.pooled_dim)
-    )
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return TextToImage(unet, NoiseSchedule(ScheduleConfig(num_train_timesteps=100)), encoder, resolution=8)
+    return tiny_pipe(tiny_clip, seed=1, pooled=True)
 
 
 def test_pooled_unet_uses_the_pooled_embedding_and_round_trips(pooled_pipe, tmp_path):
