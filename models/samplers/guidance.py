@@ -75,11 +75,11 @@ def guided_model_fn(
 
     if guidance_scale == 1.0:
         # uncond + 1 * (cond - uncond) == cond: skip the unconditional half
+        cond_extra = {} if pooled is None else {"pooled": pooled}
+
         def conditional_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             check_batch(x)
-            if pooled is None:
-                return denoiser(x, t, context, context_mask)
-            return denoiser(x, t, context, context_mask, pooled=pooled)
+            return denoiser(x, t, context, context_mask, **cond_extra)
 
         return conditional_fn
 
