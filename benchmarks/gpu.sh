@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The GPU figures in one call: the embed and train benchmarks on one CUDA device.
+# The GPU figures in one call, on one CUDA device: the embed and train benchmarks and the
+# gpu-32px quality run (benchmarks/quality.py).
 #
-#   bash benchmarks/gpu.sh            # results as JSON lines in $OUT (default ./gpu-results)
+#   bash benchmarks/gpu.sh                  # all three; results as JSON lines in $OUT (default ./gpu-results)
+#   bash benchmarks/gpu.sh embed quality    # only these
+#   QUALITY_TRAIN_SECONDS=600 bash benchmarks/gpu.sh quality   # a longer training budget
 #
 # A machine without prefect, mlflow, duckdb, open_clip or diffusers can take them as wheels
 # in .whl/ (installed into /tmp/site). Each benchmark has its own time limit, so one that
@@ -26,6 +29,23 @@ run() {  # run NAME SECONDS CMD...: stdout's JSON line to $OUT/NAME.json, the lo
     echo "rc=$? $(tail -c 2000 "$OUT/$name.json")"
 }
 
-run embed "${EMBED_LIMIT:-120}" python3 benchmarks/embed.py --device cuda --captions 100000 --batch 1024
-run train64 "${TRAIN_LIMIT:-360}" python3 benchmarks/train.py --device cuda --resolution 64 \
-    --channels 128,256,384,512 --attention 0,1,1,1 --batch 128 --precision bf16 --modes eager,compiled --steps 20
+wanted() { local name=$1; shift; [[ $# -eq 0 ]] || [[ " $* " == *" $name "* ]]; }  # wanted NAME SELECTED...: none selected = all
+selected=("$@")
+
+if wanted embed "${selected[@]}"; then
+    run embed "${EMBED_LIMIT:-120}" python3 benchmarks/embed.py --device cuda --captions 100000 --batch 1024
+fi
+if wanted train64 "${selected[@]}"; then
+    run train64 "${TRAIN_LIMIT:-360}" python3 benchmarks/train.py --device cuda --resolution 64 \
+        --channels 128,256,384,512 --attention 0,1,1,1 --batch 128 --precision bf16 --modes eager,compiled --steps 20
+fi
+if wanted quality "${selected[@]}"; then
+    # No CLIP weights can reach the box: the seeded random text tower, as the CPU demo uses.
+    run quality "${QUALITY_LIMIT:-540}" python3 benchmarks/quality.py --preset gpu-32px \
+        --train-seconds "${QUALITY_TRAIN_SECONDS:-240}" --set embed.encoder.allow_random_init=true \
+        --guidance "${QUALITY_GUIDANCE:-2,5}" --no-progress --data-root /tmp/t2i-quality --artifacts "$OUT/quality"
+    # One file back: the grid, report, steps table and the training log (also of a run cut short).
+    find /tmp/t2i-quality/runs -name metrics.jsonl -exec sh -c 'cp "$1" "$2/$(basename "$(dirname "$1")")-metrics.jsonl"' _ {} "$OUT" \; 2>/dev/null
+    mkdir -p "$OUT/quality" && mv "$OUT"/*-metrics.jsonl "$OUT/quality/" 2>/dev/null
+    tar -cf "$OUT/quality.tar" -C "$OUT" quality && rm -rf "$OUT/quality"
+fi

@@ -68,14 +68,8 @@ from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, To
 from tasks import storage
 from tasks.cluster import dask_client, require_distributed
 from tasks.contracts import DatasetVersion, EmbeddingSet
+from tasks.prefect_compat import task
 from tasks.settings import get_settings
-
-try:
-    from prefect import task
-except ImportError:  # torch-only boxes (the GPU benchmark) run the plain functions without Prefect
-
-    def task(**_options: Any) -> Callable[[Callable], Callable]:
-        return lambda fn: fn
 
 
 # Bump when the layout or the meaning of the files changes; a set of another format is refused.

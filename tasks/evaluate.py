@@ -53,15 +53,15 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
-from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from models.checkpoint import write_json_atomic
 from models.pipeline import GenerationParams, TextToImage, to_pil
-from tasks.attributes import ShapeAttributes, prompt_for, score_prompts
 from tasks import storage
+from tasks.attributes import ShapeAttributes, prompt_for, score_prompts
 from tasks.contracts import DatasetVersion, EvalReport, TrainResult
+from tasks.prefect_compat import task
 from tasks.settings import get_settings
 from tasks.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapesConfig, heldout_pairs
 
@@ -118,6 +118,9 @@ class EvalConfig(BaseModel):
     steps_table_prompts: int = Field(16, ge=1, description="the first N attribute prompts (DDPM-1000 is slow on CPU)")
     batch_size: int = Field(32, ge=1)
     device: str = Field("auto", description="auto: cuda when available, else cpu")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the UNet's precision while sampling (bf16 autocast); auto: bf16 on CUDA, else fp32"
+    )
 
     @field_validator("prompts")
     @classmethod
@@ -149,8 +152,8 @@ class EvalConfig(BaseModel):
 
 
 def higher_is_better(metric: str) -> bool:
-    """Fréchet distances (`fd*`) are lower-better; accuracies and the CLIP score higher-better."""
-    return not metric.startswith("fd")
+    """Fréchet distances (`fd*`, e.g. fd_clip) are lower-better; accuracies and the CLIP score higher-better."""
+    return not metric.lower().startswith("fd")
 
 
 def is_better_or_equal(metric: str, value: float, reference: float) -> bool:
@@ -504,10 +507,13 @@ def _measure(
     device = _device(config.device)
     pipe = TextToImage.load(train.checkpoint, device)
     _check_steps(pipe, config)
-    params = GenerationParams(steps=config.steps, guidance_scale=config.guidance_scale, sampler=config.sampler)
+    precision = _precision(config.precision, device)
+    params = GenerationParams(
+        steps=config.steps, guidance_scale=config.guidance_scale, sampler=config.sampler, precision=precision
+    )
     sampler = _Sampling(pipe, config.batch_size, progress)
     metrics: dict[str, float] = {}
-    notes: dict[str, str] = {}
+    notes: dict[str, str] = {"precision": f"sampling with the UNet in {precision} on {device}"}
 
     # Reference rows: validation, or train when the dataset has no validation split.
     split = "val" if dataset.counts.get("val", 0) >= 2 else "train"
@@ -559,9 +565,9 @@ def _measure(
         notes["heldout"] = f"held-out pairs {source.heldout_pairs} from {source.heldout_from}"
         if config.steps_table and in_dist:
             rows = in_dist[: config.steps_table_prompts]
-            table = _steps_table(pipe, sampler, [p for p, _ in rows], [o for _, o in rows], config)
+            table = _steps_table(pipe, sampler, [p for p, _ in rows], [o for _, o in rows], config, precision)
     elif config.steps_table and ref_captions:
-        table = _steps_table(pipe, sampler, ref_captions[: config.steps_table_prompts], None, config)
+        table = _steps_table(pipe, sampler, ref_captions[: config.steps_table_prompts], None, config, precision)
     for row in table:
         metrics.update(row["metrics"])
     write_json_atomic(out_dir / STEPS_TABLE_FILE, table)
@@ -576,13 +582,14 @@ def _steps_table(
     prompts: list[str],
     objects: list[tuple[ShapeAttributes, ...]] | None,
     config: EvalConfig,
+    precision: str,
 ) -> list[dict]:
     """Quality against steps: each (sampler, steps) on the same prompts and seeds. Quality is the
     attribute accuracy where the prompts' attributes are known (`acc_*`), else the CLIP score
     (`clip_score_*`)."""
     table = []
     for name, steps in config.steps_table_runs:
-        params = GenerationParams(steps=steps, guidance_scale=config.guidance_scale, sampler=name)
+        params = GenerationParams(steps=steps, guidance_scale=config.guidance_scale, sampler=name, precision=precision)
         images = sampler.generate(prompts, list(range(len(prompts))), params)  # (N, 3, H, W) in [-1, 1]
         tag = f"{SAMPLER_SHORT[name]}_{steps}"
         if objects is not None:
@@ -640,6 +647,12 @@ def _batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
 def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _precision(name: str, device: str) -> str:
+    if name == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
     return name
 
 

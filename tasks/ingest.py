@@ -53,8 +53,6 @@ import PIL
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
@@ -62,6 +60,7 @@ from models.checkpoint import fsync_dir
 from tasks import storage
 from tasks.cluster import dask_client, require_distributed
 from tasks.contracts import DatasetVersion
+from tasks.prefect_compat import exponential_backoff, task
 from tasks.image_io import (
     IMAGE_EXTENSIONS,
     ImageOptions,

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.embed import EmbedConfig
 from tasks.evaluate import EvalConfig
 from tasks.ingest import IngestConfig
-from tasks.register import RegisterConfig
+from tasks.register_config import RegisterConfig
 from tasks.shapes import ShapesConfig
 from tasks.train import TrainConfig
 

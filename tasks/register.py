@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import re
 import shutil
 import subprocess
@@ -40,13 +39,14 @@ from PIL import Image
 from prefect import task
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import models
 from models import mlflow_model
 from models.pipeline import CONFIG_FILE, UNET_FILE, TextToImage
 from tasks import storage
 from tasks.contracts import EvalReport, RegisteredModel, TrainResult
+from tasks.evaluate import is_better_or_equal
+from tasks.register_config import RegisterConfig
 from tasks.settings import get_settings
 from tasks.tracking import ensure_experiment, mlflow_uris, set_alias
 
@@ -71,38 +71,7 @@ class RegisterError(ValueError):
     """Bad input to registration (missing checkpoint, metric, version): retrying cannot help."""
 
 
-class RegisterConfig(BaseModel):
-    """Where a model is registered. Presets (section `register`) list only what differs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-    model_name: str = "t2i-shapes"
-    experiment: str = "t2i"
-    tags: dict[str, str] = Field(default_factory=dict, description="extra tags for every registered version")
-
-    @field_validator("model_name")
-    @classmethod
-    def _check_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
-            raise ValueError(f"model_name {v!r}: use letters, digits, '_', '.', '-' (it becomes part of a models:/ URI)")
-        return v
-
-
 # ---- the gate ------------------------------------------------------------------------------------
-
-
-def higher_is_better(metric: str) -> bool:
-    """Fréchet distances (`fd*`, e.g. fd_clip) are lower-better; every other metric (CLIP score,
-    shape/colour accuracy) is higher-better."""
-    return not metric.lower().startswith("fd")
-
-
-def is_worse(metric: str, candidate: float, incumbent: float) -> bool:
-    """True when `candidate` is strictly worse than `incumbent` on `metric`; a non-finite candidate
-    is always worse (a NaN compares False both ways and would otherwise slip through)."""
-    if not math.isfinite(candidate):
-        return True
-    return candidate < incumbent if higher_is_better(metric) else candidate > incumbent
 
 
 def _gate(report: EvalReport, champion: ModelVersion | None) -> tuple[bool, str]:
@@ -117,7 +86,7 @@ def _gate(report: EvalReport, champion: ModelVersion | None) -> tuple[bool, str]
         # The champion was evaluated on another metric; the evaluation compared what it could.
         return True, f"gate passed; champion v{champion.version} has no {primary} to compare"
     new = report.metrics[primary]
-    if is_worse(primary, new, incumbent):
+    if not is_better_or_equal(primary, new, incumbent):
         return False, f"{primary} {new:.6g} is worse than champion v{champion.version}'s {incumbent:.6g}"
     return True, f"{primary} {new:.6g} is not worse than champion v{champion.version}'s {incumbent:.6g}"
 

@@ -33,9 +33,9 @@ from types import MappingProxyType
 
 import numpy as np
 from PIL import Image
-from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.prefect_compat import task
 from tasks.settings import get_settings
 
 # Attribute vocabularies (read-only). Every shape colour differs from every other one,

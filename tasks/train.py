@@ -57,16 +57,8 @@ from models.schedule import NoiseSchedule, ScheduleConfig
 from models.unet import UNet, UNetConfig
 from tasks.contracts import DatasetVersion, EmbeddingSet, TrainResult
 from tasks.data import EpochSampler, TrainData, TrainDataError, check_pair, load_train_data, mix_seed
+from tasks.prefect_compat import NO_CACHE, task
 from tasks.settings import get_settings
-
-try:
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-except ImportError:  # torch-only boxes (the GPU benchmark box) run the plain function without Prefect
-    NO_CACHE = None
-
-    def task(**_options: Any):
-        return lambda fn: fn
 
 log = logging.getLogger(__name__)
 

@@ -102,6 +102,7 @@ def test_trained_encoder_weights_travel_with_the_model(tiny_clip, pipe, tmp_path
         ({"sampler": "euler"}, "unknown sampler"),
         ({"steps": 0}, "steps"),
         ({"guidance_scale": float("nan")}, "guidance_scale"),
+        ({"precision": "fp16"}, "precision"),
     ],
 )
 def test_bad_generation_params_are_clear_errors(kwargs, match):
@@ -148,3 +149,13 @@ def test_pooled_width_mismatch_is_a_clear_error(pooled_pipe):
     cfg = UNetConfig(**{**pooled_pipe.unet.config.to_dict(), "pooled_dim": pooled_pipe.text_encoder.pooled_dim + 1})
     with pytest.raises(ValueError, match="pooled width"):
         TextToImage(UNet(cfg), pooled_pipe.schedule, pooled_pipe.text_encoder, resolution=8)
+
+
+def test_bf16_sampling_stays_close_to_fp32_and_returns_float32(pooled_pipe):
+    fp32 = pooled_pipe.generate(["a red circle", "a blue square"], seeds=[3, 4], params=GenerationParams(steps=4))
+    bf16 = pooled_pipe.generate(
+        ["a red circle", "a blue square"], seeds=[3, 4], params=GenerationParams(steps=4, precision="bf16")
+    )
+    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
+    diff = (bf16 - fp32).abs()
+    assert 0 < diff.max() < 0.1 and diff.mean() < 0.01  # bf16 rounding, not another image

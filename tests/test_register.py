@@ -19,8 +19,6 @@ from tasks.register import (  # noqa: E402
     RegisterConfig,
     RegisterError,
     champion_metrics,
-    higher_is_better,
-    is_worse,
     register_model,
     restore_champion,
 )
@@ -60,14 +58,6 @@ def models_(tmp_path, tiny_clip):
 def _aliases(name: str = NAME) -> dict[str, str]:
     uri = get_settings().mlflow_tracking_uri
     return {a: str(v) for a, v in MlflowClient(uri, registry_uri=uri).get_registered_model(name).aliases.items()}
-
-
-def test_metric_direction():
-    assert higher_is_better("clip_score") and higher_is_better("shape_accuracy")
-    assert not higher_is_better("fd_clip") and not higher_is_better("FD_dinov2")
-    assert is_worse("clip_score", 0.2, 0.3) and not is_worse("clip_score", 0.3, 0.3)
-    assert is_worse("fd_clip", 13.0, 12.0) and not is_worse("fd_clip", 11.0, 12.0)
-    assert is_worse("clip_score", float("nan"), 0.3) and is_worse("fd_clip", float("nan"), 12.0)
 
 
 def test_gate_first_passing_worse_better_restore_and_retry(models_):

@@ -1,0 +1,51 @@
+"""benchmarks/quality.py: the budget fit and the target check (the run itself is the tiny pipeline
+that test_pipeline.py already covers), and that every stage module it imports loads without
+Prefect and MLflow, as on the GPU box."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.quality import check_targets, fit_steps
+from tasks.presets import load_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fit_steps_fills_the_budget_and_clamps_the_cadence():
+    config = load_preset("gpu-32px").train
+    fitted = fit_steps(config, seconds=100, images_per_s=2560)  # 256000 images = 1000 steps of 256
+    assert fitted.steps == 1000
+    assert fitted.warmup_steps == min(config.warmup_steps, 100)
+    assert fitted.checkpoint_every <= 500 and fitted.sample_every <= 1000
+    assert fitted.lr == config.lr and fitted.ema_decay == config.ema_decay
+    assert fit_steps(config, seconds=1, images_per_s=1).steps == 1
+
+
+def test_check_targets_marks_each_target():
+    metrics = {
+        "attr_colour_acc": 0.97, "attr_shape_acc": 0.85, "attr_position_acc": 0.9, "heldout_accuracy": 0.8,
+        "acc_ddpm_1000": 0.90, "acc_ddim_50": 0.86, "images_per_s_ddpm_1000": 10.0, "images_per_s_ddim_50": 190.0,
+    }  # fmt: skip
+    targets = check_targets(metrics)
+    assert targets["attr_colour_acc"]["met"] and not targets["attr_shape_acc"]["met"]
+    assert targets["attr_position_acc"]["met"] and targets["heldout_accuracy"]["met"]
+    gap = targets["ddim50_vs_ddpm1000"]
+    assert gap["gap_points"] == 4.0 and gap["speedup"] == 19.0 and not gap["met"]
+    assert check_targets({"acc_ddpm_1000": 0.9, "acc_ddim_50": 0.88, "images_per_s_ddpm_1000": 1.0,
+                          "images_per_s_ddim_50": 20.0})["ddim50_vs_ddpm1000"]["met"]
+    assert check_targets({})["attr_colour_acc"]["met"] is None
+
+
+def test_stage_modules_and_presets_load_without_prefect_or_mlflow():
+    code = (
+        "import sys\n"
+        "for name in ('prefect', 'mlflow', 'dask', 'distributed', 'boto3'):\n"
+        "    sys.modules[name] = None  # importing it now raises ImportError\n"
+        "import benchmarks.quality, benchmarks.train, benchmarks.embed\n"
+        "import tasks.shapes, tasks.ingest, tasks.embed, tasks.train, tasks.evaluate\n"
+        "from tasks.presets import load_preset\n"
+        "load_preset('gpu-32px')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
