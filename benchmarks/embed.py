@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="alternations of naive and batched timing")
     p.add_argument("--shard", type=int, default=16384, help="captions per shard (the stage's captions_per_shard)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--profile", action="store_true",
+        help="after the timing, run one more shard under torch.profiler and print where its time went to stderr",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -125,6 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
             batched_s += time.perf_counter() - t0
             shard_bytes += sum(p.stat().st_size for p in Path(tmp).glob(f"part-{r:02d}-*.parquet"))
 
+        if args.profile:
+            profile_shard(encoder, batched[: args.shard], pool, Path(tmp) / "profiled.parquet", batch, device)
+
     sample = batched[:20_000]
     t0 = time.perf_counter()
     ids = encoder.tokenize(sample)  # the tokenizer alone, one process: the host's share of the work
@@ -159,6 +166,28 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(out), flush=True)
     return out
+
+
+def profile_shard(encoder, captions: list[str], pool: TokenizerPool, path: Path, batch: int, device: torch.device) -> None:
+    """One shard through the stage's path under torch.profiler: the ops by their own host time,
+    and on a GPU by device time, with the share of the wall time the GPU was busy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for shard, text in tokenized_ahead([captions], pool):
+            write_caption_shard(encoder, shard, path, batch, text=text())
+        synchronize(device)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    print(f"# profile: {len(captions)} captions in {wall:.3f} s ({len(captions) / wall:,.0f}/s)", file=sys.stderr)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
+    if device.type == "cuda":
+        busy = sum(e.self_device_time_total for e in events) / 1e6  # microseconds -> s
+        print(f"# GPU busy {busy:.3f} s of {wall:.3f} s ({100 * busy / wall:.0f}%)", file=sys.stderr)
+        print(events.table(sort_by="self_device_time_total", row_limit=12), file=sys.stderr)
 
 
 if __name__ == "__main__":

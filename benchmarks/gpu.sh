@@ -33,7 +33,7 @@ wanted() { local name=$1; shift; [[ $# -eq 0 ]] || [[ " $* " == *" $name "* ]]; 
 selected=("$@")
 
 if wanted embed "${selected[@]}"; then
-    run embed "${EMBED_LIMIT:-120}" python3 benchmarks/embed.py --device cuda --captions 100000 --batch 1024
+    run embed "${EMBED_LIMIT:-120}" python3 benchmarks/embed.py --device cuda --captions 100000 --batch 1024 --profile
 fi
 if wanted train64 "${selected[@]}"; then
     run train64 "${TRAIN_LIMIT:-360}" python3 benchmarks/train.py --device cuda --resolution 64 \
