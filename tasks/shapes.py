@@ -156,7 +156,30 @@ class ShapesConfig(BaseModel):
         if self.max_shapes == 2 and self.two_shape_fraction > 0:
             if len(self.colours) < 2 or not _separated_position_pairs(self.positions):
                 raise ValueError("two-shape images need two colours and two positions that are not neighbours")
+        singles, pairs = distinct_images(self)
+        if self.n_images > singles + pairs:
+            raise ValueError(
+                f"n_images={self.n_images} exceeds the {singles + pairs:,} distinct images this attribute space has at "
+                f"{self.resolution} px ({singles:,} with one shape, {pairs:,} with two); lower n_images, or allow more "
+                "colours, positions, sizes or backgrounds (jitter_px adds one-shape offsets, up to 4% of the side)"
+            )
         return self
+
+
+def distinct_images(config: ShapesConfig) -> tuple[int, int]:
+    """(one-shape, two-shape) counts of the distinct images `config` can draw; the generator
+    never repeats an image. One shape: pair x position x size x background x jitter offset.
+    Two shapes: two objects of different colours (pair x size each) on an ordered pair of
+    separated positions, no jitter (listing the pair the other way round is the same image)."""
+    held = set(heldout_pairs(config))
+    allowed = [(c, s) for c in config.colours for s in config.shapes if (c, s) not in held]
+    offsets = (2 * _jitter_px(config) + 1) ** 2
+    singles = len(allowed) * len(config.positions) * len(config.sizes) * len(config.backgrounds) * offsets
+    if config.max_shapes < 2 or config.two_shape_fraction == 0:
+        return singles, 0
+    objects = [(c, s, z) for c, s in allowed for z in config.sizes]  # (colour, shape, size)
+    ordered = sum(1 for a in objects for b in objects if a[0] != b[0])
+    return singles, ordered * len(_separated_position_pairs(config.positions)) * len(config.backgrounds)
 
 
 def render_shapes(
@@ -331,9 +354,13 @@ def _write_shapes(root: Path, config: ShapesConfig) -> None:
 
 def _sample_single(rng: random.Random, config: ShapesConfig, allowed: list[tuple[str, str]]) -> ShapeSpec:
     colour, shape = rng.choice(allowed)
-    j = min(config.jitter_px, int(0.04 * config.resolution))
+    j = _jitter_px(config)
     offset = (rng.randint(-j, j) / config.resolution, rng.randint(-j, j) / config.resolution)
     return ShapeSpec(colour, shape, rng.choice(config.sizes), rng.choice(config.positions), offset)
+
+
+def _jitter_px(config: ShapesConfig) -> int:
+    return min(config.jitter_px, int(0.04 * config.resolution))
 
 
 def _sample_pair(

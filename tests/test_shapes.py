@@ -20,6 +20,7 @@ from PIL import Image
 
 from tasks.image_io import resize_image
 from tasks.shapes import (
+    distinct_images,
     BACKGROUNDS,
     COLOURS,
     POSITION_WORDS,
@@ -178,7 +179,7 @@ def test_config_validation():
         ShapesConfig(n_image=3)
     with pytest.raises(ValueError, match="two-shape"):
         ShapesConfig(colours=("red",), max_shapes=2)
-    assert ShapesConfig(colours=("red",), max_shapes=1).colours == ("red",)
+    assert ShapesConfig(n_images=500, colours=("red",), max_shapes=1).colours == ("red",)
     assert default_shapes_dir(ShapesConfig()).name.startswith("shapes-")
     assert default_shapes_dir(ShapesConfig()) != default_shapes_dir(ShapesConfig(seed=1))
 
@@ -242,3 +243,23 @@ def test_attributes_can_be_read_back_from_pixels(shapes_dir: Path, resolution: i
             got = found.get(o["colour"])
             correct += got == {"shape": o["shape"], "size": o["size"], "position": o["position"]}
     assert correct / total >= 0.99, f"{correct}/{total} objects read back at {resolution} px"
+
+
+def test_distinct_image_count_is_exactly_what_the_generator_can_draw(tmp_path: Path):
+    # A small space: 2 colours x 1 shape x 3 positions (only the two corners are separated)
+    # x 1 size x 1 background, no jitter at 16 px: 6 one-shape images, and 2 two-shape ones
+    # (red left and blue right, or the other way round) -- 8 in all, none held out.
+    small = dict(
+        resolution=16, colours=("red", "blue"), shapes=("square",), positions=("top left", "top centre", "top right"),
+        sizes=("large",), backgrounds=("black",), heldout_fraction=0.0, two_shape_fraction=0.5,
+    )  # fmt: skip
+    assert distinct_images(ShapesConfig(n_images=1, **small)) == (6, 2)
+    root = generate_shapes(tmp_path / "all", ShapesConfig(n_images=8, **small))
+    records = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    assert sorted(len(r["objects"]) for r in records) == [1] * 6 + [2] * 2
+    with pytest.raises(ValueError, match=r"n_images=9 exceeds the 8 distinct images .* \(6 with one shape, 2 with two\)"):
+        ShapesConfig(n_images=9, **small)
+    # the shipped sizes: 32 px has 6,156 + 39,424 (so 50,000 is refused before any drawing)
+    assert distinct_images(ShapesConfig(resolution=32)) == (6156, 39424)
+    with pytest.raises(ValueError, match="45,580 distinct images"):
+        ShapesConfig(n_images=50_000, resolution=32)
