@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
 def profile_shard(encoder, captions: list[str], pool: TokenizerPool, path: Path, batch: int, device: torch.device) -> None:
     """One shard through the stage's path under torch.profiler: the ops by their own host time,
     and on a GPU by device time, with the share of the wall time the GPU was busy."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -189,7 +190,9 @@ def profile_shard(encoder, captions: list[str], pool: TokenizerPool, path: Path,
     print(f"# profile: {len(captions)} captions in {wall:.3f} s ({len(captions) / wall:,.0f}/s)", file=sys.stderr)
     print(events.table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
     if device.type == "cuda":
-        busy = sum(e.self_device_time_total for e in events) / 1e6  # microseconds -> s
+        # Kernels only: a launch's CPU event also carries its kernel's device time, and would count it twice.
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6  # microseconds -> s
         print(f"# GPU busy {busy:.3f} s of {wall:.3f} s ({100 * busy / wall:.0f}%)", file=sys.stderr)
         print(events.table(sort_by="self_device_time_total", row_limit=12), file=sys.stderr)
 

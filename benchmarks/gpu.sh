@@ -3,7 +3,7 @@
 # gpu-32px quality run (benchmarks/quality.py).
 #
 #   bash benchmarks/gpu.sh                  # all three; results as JSON lines in $OUT (default ./gpu-results)
-#   bash benchmarks/gpu.sh embed quality    # only these
+#   bash benchmarks/gpu.sh embed quality    # only these (names: embed, train64, quality)
 #   QUALITY_TRAIN_SECONDS=600 bash benchmarks/gpu.sh quality   # a longer training budget
 #
 # A machine without prefect, mlflow, duckdb, open_clip or diffusers can take them as wheels
@@ -11,6 +11,11 @@
 # hangs still leaves the others' figures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+wanted() { local name=$1; shift; [[ $# -eq 0 ]] || [[ " $* " == *" $name "* ]]; }  # wanted NAME SELECTED...: none selected = all
+selected=("$@")
+for name in "${selected[@]}"; do
+    case $name in embed | train64 | quality) ;; *) echo "unknown benchmark '$name': choose from embed, train64, quality" >&2; exit 2 ;; esac
+done
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -29,8 +34,6 @@ run() {  # run NAME SECONDS CMD...: stdout's JSON line to $OUT/NAME.json, the lo
     echo "rc=$? $(tail -c 2000 "$OUT/$name.json")"
 }
 
-wanted() { local name=$1; shift; [[ $# -eq 0 ]] || [[ " $* " == *" $name "* ]]; }  # wanted NAME SELECTED...: none selected = all
-selected=("$@")
 
 if wanted embed "${selected[@]}"; then
     run embed "${EMBED_LIMIT:-120}" python3 benchmarks/embed.py --device cuda --captions 100000 --batch 1024 --profile
@@ -41,6 +44,7 @@ if wanted train64 "${selected[@]}"; then
 fi
 if wanted quality "${selected[@]}"; then
     # No CLIP weights can reach the box: the seeded random text tower, as the CPU demo uses.
+    rm -rf /tmp/t2i-quality  # a finished run there would be returned as it is, with no training timed
     run quality "${QUALITY_LIMIT:-540}" python3 benchmarks/quality.py --preset gpu-32px \
         --train-seconds "${QUALITY_TRAIN_SECONDS:-240}" --set embed.encoder.allow_random_init=true \
         --guidance "${QUALITY_GUIDANCE:-2,5}" --no-progress --data-root /tmp/t2i-quality --artifacts "$OUT/quality"

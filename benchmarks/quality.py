@@ -50,11 +50,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", type=Path, default=Path("data-quality"), help="data root of this run (default: data-quality)")
     p.add_argument("--train-seconds", type=float, default=None,
                    help="fit train.steps to this many seconds of training loop (default: the preset's steps)")
-    p.add_argument("--probe-steps", type=int, default=60, help="steps of the throughput probe (default: 60)")
+    p.add_argument("--probe-steps", type=_at_least(10), default=60,
+                   help="steps of the throughput probe, >= 10 (default: 60); its last third is timed")
     p.add_argument("--guidance", default="", help="extra guidance scales to score, comma-separated (e.g. 2,5)")
     p.add_argument("--artifacts", type=Path, default=None, help="copy the sample grid, metrics and steps table here")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -89,11 +100,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_log = _read_metrics(Path(trained.run_dir))
     report = timed("evaluate", evaluate_model, trained, dataset, preset.evaluate, None, progress, None)
 
-    sweep = {}
-    if args.guidance:
-        scales = [float(g) for g in args.guidance.split(",") if g.strip()]
-        sweep = timed("guidance_sweep", guidance_sweep, trained, dataset, preset.evaluate, scales)
-
     result = {
         "benchmark": "quality",
         "device": _device_name(),
@@ -113,15 +119,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": times,
         "gate": {"passed": report.passed, "reason": report.reason},
         "metrics": {k: round(v, 4) for k, v in sorted(report.metrics.items())},
-        "guidance_sweep": sweep,
         "targets": check_targets(report.metrics),
+        "guidance_sweep": {},
     }
-    if args.artifacts is not None:
+    if args.artifacts is not None:  # written before the sweep too, so a run cut short keeps its metrics
         args.artifacts.mkdir(parents=True, exist_ok=True)
         eval_dir = Path(report.grid_path).parent
         for f in [Path(report.grid_path), *eval_dir.glob("*.json"), Path(trained.run_dir) / "metrics.jsonl"]:
             if f.is_file():
                 shutil.copy2(f, args.artifacts / f.name)
+        (args.artifacts / "quality.json").write_text(json.dumps(result) + "\n", encoding="utf-8")
+    if args.guidance:
+        scales = [float(g) for g in args.guidance.split(",") if g.strip()]
+        result["guidance_sweep"] = timed("guidance_sweep", guidance_sweep, trained, dataset, preset.evaluate, scales)
+        if args.artifacts is not None:
+            (args.artifacts / "quality.json").write_text(json.dumps(result) + "\n", encoding="utf-8")
     print(json.dumps(result), flush=True)
     return result
 
@@ -178,6 +190,8 @@ def guidance_sweep(trained, dataset, eval_config, scales: list[float]) -> dict[s
         )
         row: dict[str, float] = {}
         for prefix, prompts in sets.items():
+            if not prompts:
+                continue
             images = []
             for i in range(0, len(prompts), eval_config.batch_size):
                 batch = prompts[i : i + eval_config.batch_size]

@@ -490,8 +490,9 @@ def evaluate_model(
 
 def eval_key(train: TrainResult, dataset: DatasetVersion, config: EvalConfig) -> str:
     """Hash of what the metrics depend on: the model, the dataset version and the sampling config
-    (not the gate's metric and threshold, nor the device)."""
-    measured = config.model_dump(mode="json", exclude={"primary_metric", "threshold", "device"})
+    (not the gate's metric and threshold, nor the device; but the precision `auto` gives on it)."""
+    measured = config.model_dump(mode="json", exclude={"primary_metric", "threshold", "device", "precision"})
+    measured["precision"] = _precision(config.precision, _device(config.device))
     body = {"format": EVAL_FORMAT, "train": train.model_dump(mode="json"), "dataset": dataset.version, "config": measured}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 

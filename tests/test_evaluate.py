@@ -20,10 +20,11 @@ from models.schedule import NoiseSchedule, ScheduleConfig
 from models.text_encoder import TextEncoder, TextEncoderConfig
 from models.unet import UNet, UNetConfig
 from tasks.attributes import parse_caption
-from tasks.contracts import TrainResult
+from tasks.contracts import DatasetVersion, TrainResult
 from tasks.evaluate import (
     EvalConfig,
     attribute_prompts,
+    eval_key,
     evaluate_model,
     frechet_distance,
     gate,
@@ -346,3 +347,11 @@ def test_other_data_is_gated_on_fd_clip(checkpoint, tmp_path):
     client = MlflowClient(tracking_uri=get_settings().mlflow_tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("t2i").experiment_id])
     assert len(runs) == 1 and runs[0].data.metrics["fd_clip"] == pytest.approx(report.metrics["fd_clip"])
+
+
+def test_eval_key_follows_the_sampling_precision_not_the_device():
+    train = TrainResult(run_dir="/r", checkpoint="/r/model", step=1)
+    dataset = DatasetVersion(name="d", version="v", root="/d", counts={"train": 1}, resolution=16, manifest="/d/m")
+    key = {name: eval_key(train, dataset, EvalConfig(device="cpu", precision=name)) for name in ("auto", "fp32", "bf16")}
+    assert key["auto"] == key["fp32"] != key["bf16"]  # auto is fp32 on a CPU
+    assert eval_key(train, dataset, EvalConfig(device="cuda:1", precision="bf16")) == key["bf16"]
