@@ -157,9 +157,12 @@ def higher_is_better(metric: str) -> bool:
 
 
 def is_better_or_equal(metric: str, value: float, reference: float) -> bool:
-    """`value` is at least as good as `reference` on `metric`; a non-finite value never is."""
+    """`value` is at least as good as `reference` on `metric`; a non-finite value never is, and a NaN
+    reference (a champion whose metric was never measured) holds nothing back."""
     if not math.isfinite(value):
         return False
+    if math.isnan(reference):
+        return True
     return value >= reference if higher_is_better(metric) else value <= reference
 
 

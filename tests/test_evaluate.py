@@ -110,6 +110,8 @@ def test_is_better_or_equal_knows_each_metrics_direction():
     assert not is_better_or_equal("attr_accuracy", math.nan, 0.0)
     assert not is_better_or_equal("fd_clip", math.nan, 1e9) and not is_better_or_equal("fd_clip", math.inf, 1e9)
     assert is_better_or_equal("FD_dinov2", 1.0, 2.0) and not is_better_or_equal("FD_dinov2", 3.0, 2.0)
+    assert is_better_or_equal("attr_accuracy", 0.1, math.nan) and is_better_or_equal("fd_clip", 9.0, math.nan)
+    assert not is_better_or_equal("attr_accuracy", math.nan, math.nan)
 
 
 def test_gate_needs_the_threshold_and_no_regression_against_the_champion():
