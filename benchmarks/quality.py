@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tasks.ingest import ingest_dataset
     from tasks.presets import load_preset
     from tasks.shapes import default_shapes_dir, generate_shapes
+    from tasks.train import METRICS_FILE, train_model
 
     progress = not args.no_progress
     preset = load_preset(args.preset, args.overrides)
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.train_seconds is not None:
         probe = timed("probe", _probe, dataset, embeddings, train_config, args.probe_steps, progress)
         train_config = fit_steps(train_config, args.train_seconds, probe["images_per_s"])
-    trained = timed("train", _train, dataset, embeddings, train_config, progress)
+    trained = timed("train", train_model, dataset, embeddings, train_config, mlflow_experiment=None, progress=progress)
     train_log = _read_metrics(Path(trained.run_dir))
     report = timed("evaluate", evaluate_model, trained, dataset, preset.evaluate, None, progress, None)
 
@@ -112,7 +114,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "steps": train_config.steps,
             "batch_size": train_config.batch_size,
             "images_seen": train_config.steps * train_config.batch_size,
-            "images_per_s": _median([m["images_per_s"] for m in train_log[1:] or train_log]) if train_log else None,
+            "images_per_s": round(statistics.median_high([m["images_per_s"] for m in train_log[1:] or train_log]), 1)
+            if train_log
+            else None,
             "final_loss": train_log[-1]["loss"] if train_log else None,
             "probe_images_per_s": probe["images_per_s"] if probe else None,
         },
@@ -122,18 +126,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": check_targets(report.metrics),
         "guidance_sweep": {},
     }
-    if args.artifacts is not None:  # written before the sweep too, so a run cut short keeps its metrics
+
+    def save() -> None:
+        if args.artifacts is not None:
+            (args.artifacts / "quality.json").write_text(json.dumps(result) + "\n", encoding="utf-8")
+
+    if args.artifacts is not None:
         args.artifacts.mkdir(parents=True, exist_ok=True)
         eval_dir = Path(report.grid_path).parent
-        for f in [Path(report.grid_path), *eval_dir.glob("*.json"), Path(trained.run_dir) / "metrics.jsonl"]:
+        for f in [Path(report.grid_path), *eval_dir.glob("*.json"), Path(trained.run_dir) / METRICS_FILE]:
             if f.is_file():
                 shutil.copy2(f, args.artifacts / f.name)
-        (args.artifacts / "quality.json").write_text(json.dumps(result) + "\n", encoding="utf-8")
+    save()  # before the sweep too, so a run cut short keeps its metrics
     if args.guidance:
         scales = [float(g) for g in args.guidance.split(",") if g.strip()]
         result["guidance_sweep"] = timed("guidance_sweep", guidance_sweep, trained, dataset, preset.evaluate, scales)
-        if args.artifacts is not None:
-            (args.artifacts / "quality.json").write_text(json.dumps(result) + "\n", encoding="utf-8")
+        save()
     print(json.dumps(result), flush=True)
     return result
 
@@ -174,14 +182,14 @@ def guidance_sweep(trained, dataset, eval_config, scales: list[float]) -> dict[s
     """Attribute accuracies of the in-distribution and held-out prompts at each guidance scale."""
     from models.pipeline import GenerationParams, TextToImage, to_pil
     from tasks.attributes import score_prompts
-    from tasks.evaluate import _device, _precision, attribute_prompts, shapes_source
+    from tasks.evaluate import _device, _precision, _Sampling, attribute_prompts, shapes_source
 
     source = shapes_source(dataset)
     if source is None:
         return {}
     device = _device(eval_config.device)
     precision = _precision(eval_config.precision, device)
-    pipe = TextToImage.load(trained.checkpoint, device)
+    sampler = _Sampling(TextToImage.load(trained.checkpoint, device), eval_config.batch_size, progress=False)
     sets = {"attr": attribute_prompts(source, eval_config.n_attribute_prompts), "heldout": list(source.heldout_prompts)}
     out: dict[str, dict[str, float]] = {}
     for scale in scales:
@@ -192,11 +200,8 @@ def guidance_sweep(trained, dataset, eval_config, scales: list[float]) -> dict[s
         for prefix, prompts in sets.items():
             if not prompts:
                 continue
-            images = []
-            for i in range(0, len(prompts), eval_config.batch_size):
-                batch = prompts[i : i + eval_config.batch_size]
-                images += to_pil(pipe.generate([p for p, _ in batch], list(range(i, i + len(batch))), params))
-            scores = score_prompts([objs for _, objs in prompts], images)
+            images = sampler.generate([p for p, _ in prompts], list(range(len(prompts))), params)
+            scores = score_prompts([objs for _, objs in prompts], to_pil(images))
             row.update({f"{prefix}_{k}": round(v, 4) for k, v in scores.items()})
         out[str(scale)] = row
     return out
@@ -219,22 +224,13 @@ def _probe(dataset, embeddings, config, steps: int, progress: bool) -> dict[str,
     return {"steps": steps, "images_per_s": lines[-1]["images_per_s"]}
 
 
-def _train(dataset, embeddings, config, progress: bool):
-    from tasks.train import train_model
-
-    return train_model(dataset, embeddings, config, mlflow_experiment=None, progress=progress)
-
-
 def _read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    from tasks.train import METRICS_FILE
+
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    return round(values[len(values) // 2], 1)
 
 
 def _device_name() -> str:
