@@ -14,10 +14,11 @@ from contextlib import contextmanager
 from typing import Any
 
 
-def require_distributed(address: str, stage: str) -> None:
-    """Raise RuntimeError, naming the fix, when dask.distributed is not installed (no retry helps)."""
+def require_distributed(address: str, stage: str, error: type[Exception] = RuntimeError) -> None:
+    """Raise `error` (the stage's bad-input error: no retry helps), naming the fix, when
+    dask.distributed is not installed."""
     if importlib.util.find_spec("distributed") is None:
-        raise RuntimeError(
+        raise error(
             f"dask_address={address!r} needs dask.distributed: pip install 't2i-pipeline[dask]', "
             f"or unset T2I_DASK_ADDRESS to run {stage} on this machine"
         )

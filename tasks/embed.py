@@ -292,7 +292,7 @@ def embed_from_path(
     dask_address: str | None = None,
 ) -> EmbeddingSet:
     """CLI entry: a published dataset version directory (or its manifest.json) -> its embedding set."""
-    from tasks.ingest import load_dataset_version  # here, not at the top: tasks.ingest needs Prefect
+    from tasks.ingest import load_dataset_version  # here: only this CLI path reads a version from disk
 
     root = Path(dataset_root)
     dataset = load_dataset_version(root.parent if root.name == MANIFEST_NAME else root)
@@ -620,10 +620,7 @@ def _encode_shards_on_dask(
 ) -> tuple[list[str], int]:
     """Each shard encoded by a Dask worker into `out` (shared storage); results in shard order.
     The encoder goes to every worker once (scattered), not with each shard."""
-    try:
-        require_distributed(address, "embed")
-    except RuntimeError as exc:  # retrying cannot fix a missing package
-        raise EmbedError(str(exc)) from None
+    require_distributed(address, "embed", EmbedError)
     cpu_copy = copy.deepcopy(encoder).to("cpu")  # workers pick their own device
     names, longest = [], 0
     with dask_client(address) as client:

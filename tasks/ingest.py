@@ -636,10 +636,7 @@ def _unit_executor(workers: int, dask_address: str | None) -> Iterator[tuple[Exe
         pool.shutdown(wait=True)
         return
 
-    try:
-        require_distributed(dask_address, "ingest")
-    except RuntimeError as exc:  # retrying cannot fix a missing package
-        raise IngestError(str(exc)) from None
+    require_distributed(dask_address, "ingest", IngestError)
     with dask_client(dask_address) as client:
         threads = sum(client.nthreads().values())
         # pure=False: every submission runs, even of a unit Dask has seen before (it writes files).
