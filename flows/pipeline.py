@@ -186,6 +186,25 @@ def _output_missing(result: object) -> bool:
     return not (directory / "manifest.json").is_file()
 
 
+def _ingest(params: PipelineParams, preset: Preset) -> DatasetVersion:
+    """The source (or the generated shapes set) to a published dataset version."""
+    source = params.source or run_stage(shapes_task, preset.shapes)
+    dataset = run_stage(ingest_task, source, params.dataset_name, preset.ingest, dask_address=params.dask_address)
+    publish_dataset(dataset)
+    return dataset
+
+
+def _evaluate_and_register(
+    train: TrainResult, dataset: DatasetVersion, preset: Preset
+) -> tuple[EvalReport, RegisteredModel]:
+    """Evaluate a training run, then register it (champion only if the gate passes)."""
+    report = run_stage(evaluate_task, train, dataset, preset.evaluate, model_name=preset.register.model_name)
+    publish_grid(report)
+    registered = run_stage(register_task, train, report, preset.register)
+    publish_registry(registered, report)
+    return report, registered
+
+
 class PipelineSummary(BaseModel):
     dataset: DatasetVersion
     embeddings: EmbeddingSet
@@ -197,11 +216,7 @@ class PipelineSummary(BaseModel):
 @flow(name="ingest-dataset", log_prints=True)
 def ingest_flow(params: PipelineParams = PipelineParams()) -> DatasetVersion:
     """Sub-flow: the source (or the generated shapes set) to a published dataset version."""
-    preset = params.to_preset()
-    source = params.source or run_stage(shapes_task, preset.shapes)
-    dataset = run_stage(ingest_task, source, params.dataset_name, preset.ingest, dask_address=params.dask_address)
-    publish_dataset(dataset)
-    return dataset
+    return _ingest(params, params.to_preset())
 
 
 @flow(name="ingest-and-embed", log_prints=True)
@@ -217,11 +232,7 @@ def evaluate_register_flow(
     train: TrainResult, dataset: DatasetVersion, params: PipelineParams = PipelineParams()
 ) -> RegisteredModel:
     """Sub-flow: evaluate an existing training run and register it (champion only if the gate passes)."""
-    preset = params.to_preset()
-    report = run_stage(evaluate_task, train, dataset, preset.evaluate, model_name=preset.register.model_name)
-    publish_grid(report)
-    registered = run_stage(register_task, train, report, preset.register)
-    publish_registry(registered, report)
+    _, registered = _evaluate_and_register(train, dataset, params.to_preset())
     return registered
 
 
@@ -229,17 +240,12 @@ def evaluate_register_flow(
 def text_to_image_pipeline(params: PipelineParams = PipelineParams()) -> PipelineSummary:
     """Caption source -> dataset version -> embeddings -> trained UNet -> evaluation -> registry."""
     preset = params.to_preset()
-    source = params.source or run_stage(shapes_task, preset.shapes)
-    dataset = run_stage(ingest_task, source, params.dataset_name, preset.ingest, dask_address=params.dask_address)
-    publish_dataset(dataset)
+    dataset = _ingest(params, preset)
     embeddings = run_stage(embed_task, dataset, preset.embed, dask_address=params.dask_address)
     started = time.perf_counter()
     trained = run_stage(train_task, dataset, embeddings, preset.train, timeout_s=params.train_timeout_hours * _HOUR)
     publish_training(trained, wall_s=time.perf_counter() - started)
-    report = run_stage(evaluate_task, trained, dataset, preset.evaluate, model_name=preset.register.model_name)
-    publish_grid(report)
-    registered = run_stage(register_task, trained, report, preset.register)
-    publish_registry(registered, report)
+    report, registered = _evaluate_and_register(trained, dataset, preset)
     return PipelineSummary(dataset=dataset, embeddings=embeddings, train=trained, report=report, registered=registered)
 
 
