@@ -1,4 +1,9 @@
+import contextlib
 import os
+import signal
+import subprocess
+import time
+import urllib.request
 
 # Offline everywhere: no telemetry, no hub downloads.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -241,3 +246,46 @@ def dask_cluster():
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
     ) as cluster:
         yield cluster
+
+
+# --- servers the tests start (MLflow, Prefect, moto) ----------------------------------------------
+
+
+@contextlib.contextmanager
+def running_server(cmd: list[str], env: dict[str, str] | None, health_url: str, workdir, timeout_s: float = 180):
+    """Run the server `cmd` in its own process group, output in `workdir`/server.log, until the
+    block ends (then stop the group); wait for `health_url` to answer 200 first. Yields the log path."""
+    log_path = workdir / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+                try:
+                    with urllib.request.urlopen(health_url, timeout=5) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{health_url} not healthy after {timeout_s} s:\n{log_path.read_text()[-4000:]}")
+                time.sleep(0.5)
+            yield log_path
+        finally:
+            stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group `proc` leads (a server and the workers it started); SIGKILL after 30 s."""
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import mlflow
-from conftest import console_script, free_port
+from conftest import console_script, free_port, running_server
 from mlflow import MlflowClient
 from test_register import report, save_tiny_model
 
@@ -34,45 +31,6 @@ from tasks.tracking import mlflow_uris
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_cpu_thread")]
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@contextmanager
-def server(cmd: list[str], env: dict[str, str], health_url: str, workdir: Path, timeout_s: float = 180):
-    """Run `cmd` in its own process group until the block ends; wait for `health_url` first."""
-    log_path = workdir / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-                try:
-                    with urllib.request.urlopen(health_url, timeout=5) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{health_url} not healthy after {timeout_s} s:\n{log_path.read_text()[-4000:]}")
-                time.sleep(0.5)
-            yield log_path
-        finally:
-            stop_group(proc)
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group `proc` leads (a server and the workers it started); SIGKILL after 30 s."""
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait_s)
-            break
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -94,7 +52,7 @@ def mlflow_server(postgres, tmp_path_factory):
         "--artifacts-destination", str(workdir / "artifacts"),
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    with server(cmd, clean_env(PGPASSWORD=postgres.password), f"{url}/health", workdir) as log_path:
+    with running_server(cmd, clean_env(PGPASSWORD=postgres.password), f"{url}/health", workdir) as log_path:
         yield url
     assert "database is locked" not in log_path.read_text()
 
@@ -110,7 +68,7 @@ def prefect_server(postgres, tmp_path_factory):
         PREFECT_API_DATABASE_CONNECTION_URL=postgres.url("prefect", driver="postgresql+asyncpg"),
     )
     url = f"http://127.0.0.1:{port}/api"
-    with server(cmd, env, f"{url}/health", workdir):
+    with running_server(cmd, env, f"{url}/health", workdir):
         yield url
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import console_script, free_port
+from conftest import console_script, free_port, stop_group
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -78,16 +78,7 @@ class Proc:
             return None
 
     def stop(self) -> None:
-        for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.popen.pid, sig)  # the group: flow-run children and server workers too
-            except ProcessLookupError:
-                break
-            try:
-                self.popen.wait(wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(self.popen)  # the group: flow-run children and server workers too
         self._out.close()
 
 

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import console_script, free_port
+from conftest import console_script, free_port, running_server
 
 from tasks import storage
 from tasks.settings import get_settings
@@ -24,30 +20,13 @@ def s3_server(tmp_path_factory):
     import boto3
 
     port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [console_script("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
     endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.2)
+    cmd = [console_script("moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with running_server(cmd, None, f"{endpoint}/moto-api/", tmp_path_factory.mktemp("moto"), timeout_s=60):
         s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
                           region_name="us-east-1")  # fmt: skip
         s3.create_bucket(Bucket=BUCKET)
         yield endpoint
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 @pytest.fixture
