@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tokenize-workers", type=int, default=None, help="tokenizer processes (default: as the embed stage, 0 on CPU)"
     )
     p.add_argument("--rounds", type=int, default=2, help="alternations of naive and batched timing")
+    p.add_argument(
+        "--tokenize-captions", type=int, default=20_000,
+        help="captions for timing the tokenizer alone, this project's and open_clip's (default: 20000)",
+    )  # fmt: skip
     p.add_argument("--shard", type=int, default=16384, help="captions per shard (the stage's captions_per_shard)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.profile:
             profile_shard(encoder, batched[: args.shard], pool, Path(tmp) / "profiled.parquet", batch, device)
 
-        sample = batched[:20_000]
+        sample = make_captions(args.tokenize_captions, args.seed + 1)  # the same for every --captions
         t0 = time.perf_counter()
         pool(sample)  # the stage's tokenizer pool alone: what it can feed the encoder
         pool_s = time.perf_counter() - t0
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         "naive_captions_per_s": round(naive_rate, 2),
         "speedup": round(batched_rate / naive_rate, 2),
         "bytes_per_caption": round(shard_bytes / len(batched), 1),
-        "mean_tokens": round(float(lengths.float().mean()), 2),  # of the first 20,000
+        "mean_tokens": round(float(lengths.float().mean()), 2),  # of the tokenizer's sample
         "max_tokens": max_tokens,
         "context_length": encoder.context_length,
         "width": encoder.width,

@@ -277,6 +277,20 @@ def test_failed_run_publishes_nothing(toy, config, monkeypatch):
     assert list((Path(os.environ["T2I_DATA_ROOT"]) / "embeddings" / toy.version).iterdir()) == []
 
 
+def test_non_finite_states_fail_in_the_arrow_thread_and_publish_nothing(toy, config, monkeypatch):
+    original = embed_module._encode_batch
+
+    def overflow(encoder, captions, *args):
+        encoding = original(encoder, captions, *args)
+        encoding.tokens[-1, 0, 0] = float("inf")  # e.g. float16 overflow in a broken weights file
+        return encoding
+
+    monkeypatch.setattr(embed_module, "_encode_batch", overflow)
+    with pytest.raises(EmbedError, match="non-finite token states"):
+        embed_dataset(toy, config, progress=False)
+    assert list((Path(os.environ["T2I_DATA_ROOT"]) / "embeddings" / toy.version).iterdir()) == []
+
+
 def test_killed_run_leaves_no_published_set(toy, config, tiny_clip, tmp_path):
     data_root = tmp_path / "killed"
     cfg_file = tmp_path / f"{tiny_clip}.json"
