@@ -153,13 +153,18 @@ class NoiseSchedule:
         """SNR(t) = abar_t / (1 - abar_t), (B,) float32 on t's device; 0 at a zero-terminal-SNR last step."""
         return self._snr.to(t.device)[t.long()]
 
-    def loss_weight(self, t: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor:
+    def loss_weight(self, t: torch.Tensor, min_snr_gamma: float | None, floor: float = 0.0) -> torch.Tensor:
         """(B,) per-sample MSE weights: Min-SNR-gamma (Hang et al. 2023) or ones when `min_snr_gamma` is None.
 
         eps-loss: min(SNR, gamma) / SNR = min(1, gamma / SNR)
         v-loss:   min(SNR, gamma) / (SNR + 1)
         Both written so that SNR = 0 (zero terminal SNR) and SNR = inf give finite weights.
+        `floor` raises every weight to at least that: the v-loss weight is ~SNR at low SNR,
+        which on a zero-terminal-SNR schedule (SNR < 0.1 for half its steps) leaves the
+        noisiest steps, where the sampler decides the layout, all but untrained.
         """
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"the loss weight floor must be in [0, 1], got {floor!r}")
         if min_snr_gamma is None:
             return torch.ones(t.shape, dtype=torch.float32, device=t.device)
         if isinstance(min_snr_gamma, bool) or not isinstance(min_snr_gamma, int | float) or not min_snr_gamma > 0:
@@ -169,8 +174,10 @@ class NoiseSchedule:
         snr = self.snr(t)  # (B,)
         gamma = float(min_snr_gamma)
         if self.config.prediction_type == "epsilon":
-            return torch.clamp(gamma / snr, max=1.0)  # SNR = 0: gamma / 0 = inf -> 1
-        return torch.where(snr > gamma, gamma / (snr + 1), snr / (snr + 1))  # SNR = inf: gamma / inf = 0
+            weights = torch.clamp(gamma / snr, max=1.0)  # SNR = 0: gamma / 0 = inf -> 1
+        else:
+            weights = torch.where(snr > gamma, gamma / (snr + 1), snr / (snr + 1))  # SNR = inf: gamma / inf = 0
+        return weights.clamp(min=floor)
 
     def predict_x0_and_eps(
         self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int

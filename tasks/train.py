@@ -110,6 +110,11 @@ class TrainConfig(BaseModel):
 
     caption_dropout: float = Field(0.1, ge=0, le=1, description="probability of the empty caption (for guidance)")
     min_snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR-gamma loss weights (Hang et al. 2023); None = plain MSE")
+    loss_weight_floor: float = Field(
+        0.0, ge=0, le=1,
+        description="lowest Min-SNR loss weight: with v-prediction on a zero-terminal-SNR schedule the weight is ~SNR, "
+        "~0 for the noisiest half of the steps (where the layout is decided) unless floored",
+    )  # fmt: skip
     flip: Literal["auto", "always", "never"] = Field(
         "auto", description="random horizontal flip; auto = only samples whose caption has no left/right words"
     )
@@ -604,7 +609,7 @@ class _Trainer:
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 loss = diffusion_loss(
                     self.model, self.schedule, x0, eps_all[sl], t_all[sl], context.float(), context_mask,
-                    c.min_snr_gamma, self.amp_dtype, self.channels_last, pooled,
+                    c.min_snr_gamma, self.amp_dtype, self.channels_last, pooled, c.loss_weight_floor,
                 )
                 (loss / c.grad_accum).backward()
             loss_total += loss.detach() / c.grad_accum
@@ -839,6 +844,7 @@ def diffusion_loss(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     pooled: torch.Tensor | None = None,
+    loss_weight_floor: float = 0.0,
 ) -> torch.Tensor:
     """Weighted MSE between the UNet's prediction and the schedule's target (eps or v), a scalar.
 
@@ -850,7 +856,7 @@ def diffusion_loss(
     with torch.autocast(x0.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         out = model(x_t, t, context, context_mask, pooled=pooled)  # (B, 3, H, W)
     per_sample = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
-    weights = schedule.loss_weight(t, min_snr_gamma)  # (B,) Min-SNR-gamma, or ones
+    weights = schedule.loss_weight(t, min_snr_gamma, loss_weight_floor)  # (B,) Min-SNR-gamma (floored), or ones
     return (per_sample * weights).mean()
 
 

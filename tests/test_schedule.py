@@ -163,6 +163,15 @@ def test_min_snr_weights_at_zero_terminal_snr():
     assert w[-1] == 0.0  # min(0, 5) / (0 + 1)
     snr = schedule.snr(torch.arange(999)).double()
     torch.testing.assert_close(w[:-1].double(), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1), rtol=2e-5, atol=0)
+    assert (w < 0.1).float().mean() > 0.45  # the noisiest half of the steps all but untrained: why there is a floor
+
+    floored = schedule.loss_weight(torch.arange(1000), 5.0, floor=0.1)
+    torch.testing.assert_close(floored, torch.clamp(w, min=0.1))  # max(Min-SNR weight, floor)
+    assert floored[-1] == 0.1 and torch.equal(floored[w >= 0.1], w[w >= 0.1])
+    assert torch.equal(schedule.loss_weight(torch.arange(5), None, floor=0.1), torch.ones(5))  # plain MSE: no floor
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="floor"):
+            schedule.loss_weight(torch.arange(3), 5.0, floor=bad)
 
 
 def test_tensors_follow_x_and_broadcast():
