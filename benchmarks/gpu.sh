@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu.sh                  # all three; results as JSON lines in $OUT (default ./gpu-results)
 #   bash benchmarks/gpu.sh embed quality    # only these (names: embed, train64, quality)
 #   QUALITY_TRAIN_SECONDS=600 bash benchmarks/gpu.sh quality   # a longer training budget
-#   QUALITY_SET="train.loss_weight_floor=0 shapes.n_images=10000" bash benchmarks/gpu.sh quality   # preset overrides
+#   QUALITY_SET="train.loss_weight_floor=0.5 shapes.n_images=10000" bash benchmarks/gpu.sh quality   # preset overrides
 #
 # A machine without prefect, mlflow, duckdb, open_clip or diffusers can take them as wheels
 # in .whl/ (installed into /tmp/site). Each benchmark has its own time limit, so one that
@@ -47,7 +47,8 @@ if wanted quality "${selected[@]}"; then
     # No CLIP weights can reach the box: the seeded random text tower, as the CPU demo uses.
     rm -rf /tmp/t2i-quality  # a finished run there would be returned as it is, with no training timed
     overrides=()
-    for kv in ${QUALITY_SET:-}; do overrides+=(--set "$kv"); done
+    read -ra pairs <<<"${QUALITY_SET:-}"  # split on spaces only, no globbing
+    for kv in "${pairs[@]}"; do overrides+=(--set "$kv"); done
     run quality "${QUALITY_LIMIT:-540}" python3 benchmarks/quality.py --preset gpu-32px "${overrides[@]}" \
         --train-seconds "${QUALITY_TRAIN_SECONDS:-240}" --set embed.encoder.allow_random_init=true \
         --guidance "${QUALITY_GUIDANCE:-2,5}" --no-progress --data-root /tmp/t2i-quality --artifacts "$OUT/quality"

@@ -159,9 +159,11 @@ class NoiseSchedule:
         eps-loss: min(SNR, gamma) / SNR = min(1, gamma / SNR)
         v-loss:   min(SNR, gamma) / (SNR + 1)
         Both written so that SNR = 0 (zero terminal SNR) and SNR = inf give finite weights.
-        `floor` raises every weight to at least that: the v-loss weight is ~SNR at low SNR,
-        which on a zero-terminal-SNR schedule (SNR < 0.1 for half its steps) leaves the
-        noisiest steps, where the sampler decides the layout, all but untrained.
+        `floor` raises the weights of the noisy steps (SNR < gamma) to at least that: the
+        v-loss weight there is ~SNR, which on a zero-terminal-SNR schedule (SNR < 0.1 for
+        half its steps) leaves the noisiest steps, where the sampler decides the layout,
+        all but untrained. The least noisy steps keep Min-SNR's small weights (an eps loss's
+        noisy-step weights are 1 already).
         """
         if not 0.0 <= floor <= 1.0:
             raise ValueError(f"the loss weight floor must be in [0, 1], got {floor!r}")
@@ -177,7 +179,7 @@ class NoiseSchedule:
             weights = torch.clamp(gamma / snr, max=1.0)  # SNR = 0: gamma / 0 = inf -> 1
         else:
             weights = torch.where(snr > gamma, gamma / (snr + 1), snr / (snr + 1))  # SNR = inf: gamma / inf = 0
-        return weights.clamp(min=floor)
+        return torch.where(snr < gamma, weights.clamp(min=floor), weights)
 
     def predict_x0_and_eps(
         self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int

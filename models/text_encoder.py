@@ -289,9 +289,9 @@ class TextEncoder(torch.nn.Module):
 class TokenizerPool:
     """`encoder.tokenize` spread over worker processes, for feeding a GPU.
 
-    Even the faster `ClipTokenizer` (BPE in Python) is one core's work: ~100,000 short
-    captions/s on the CPU machine, fewer on varied real captions, while a GPU encodes
-    more. So for a GPU a large batch is cut into chunks tokenized in
+    Even the faster `ClipTokenizer` (BPE in Python) is one core's work: ~52,000
+    shapes-style captions/s on the CPU machine, fewer on varied real captions, while a
+    GPU encodes more. So for a GPU a large batch is cut into chunks tokenized in
     parallel and put back in order: the ids equal the serial call's. With `workers=0`, or a
     batch of at most one chunk, it is the serial call. Workers start once and are reused;
     close the pool, or use it as a context manager. On Linux they are forked, as

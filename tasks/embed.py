@@ -407,7 +407,7 @@ def write_caption_shard(
             encoding = _encode_batch(encoder, batch, text[rows, : int(lengths[rows[0]])])  # longest first
             record_batch = arrow_thread.submit(_caption_record_batch, batch, encoding, schema)
             pending.append(write_thread.submit(write, record_batch, len(batch)))
-            while len(pending) > 3 or (pending and pending[0].done()):  # at most 3 batches wait: bounded memory
+            while len(pending) > 3 or (pending and pending[0].done()):  # bounded memory: at most 4 encoded batches held
                 pending.popleft().result()  # a failed write raises here
         while pending:
             pending.popleft().result()

@@ -112,8 +112,8 @@ class TrainConfig(BaseModel):
     min_snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR-gamma loss weights (Hang et al. 2023); None = plain MSE")
     loss_weight_floor: float = Field(
         0.0, ge=0, le=1,
-        description="lowest Min-SNR loss weight: with v-prediction on a zero-terminal-SNR schedule the weight is ~SNR, "
-        "~0 for the noisiest half of the steps (where the layout is decided) unless floored",
+        description="lowest Min-SNR loss weight of the noisy steps (SNR < gamma): with v-prediction on a "
+        "zero-terminal-SNR schedule it is ~SNR, ~0 for the noisiest half of the steps (where the layout is decided)",
     )  # fmt: skip
     flip: Literal["auto", "always", "never"] = Field(
         "auto", description="random horizontal flip; auto = only samples whose caption has no left/right words"
@@ -181,6 +181,8 @@ class TrainConfig(BaseModel):
             )
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps {self.warmup_steps} exceeds steps {self.steps}")
+        if self.loss_weight_floor > 0 and self.min_snr_gamma is None:
+            raise ValueError("loss_weight_floor floors Min-SNR weights: set min_snr_gamma too (plain MSE weighs every step 1)")
         if self.resolution is not None:
             f = UNetConfig.from_dict({"context_dim": 512, **self.unet}).downsample_factor
             if self.resolution % f:
@@ -335,6 +337,8 @@ def embedding_pooled_dim(embeddings: EmbeddingSet) -> int:
 def run_key(dataset: DatasetVersion, embeddings: EmbeddingSet, config: TrainConfig, unet_config: UNetConfig) -> str:
     """16 hex chars naming the run: same data, encoder and effective config -> same run directory."""
     resolved = config.model_dump(mode="json", exclude=_BOOKKEEPING_FIELDS)
+    if resolved["loss_weight_floor"] == 0:
+        del resolved["loss_weight_floor"]  # added later: runs from before it keep their keys (and resume)
     resolved["unet"] = unet_config.to_dict()
     resolved["schedule"] = ScheduleConfig.from_dict(config.schedule).to_dict()
     payload = {

@@ -166,8 +166,13 @@ def test_min_snr_weights_at_zero_terminal_snr():
     assert (w < 0.1).float().mean() > 0.45  # the noisiest half of the steps all but untrained: why there is a floor
 
     floored = schedule.loss_weight(torch.arange(1000), 5.0, floor=0.1)
-    torch.testing.assert_close(floored, torch.clamp(w, min=0.1))  # max(Min-SNR weight, floor)
-    assert floored[-1] == 0.1 and torch.equal(floored[w >= 0.1], w[w >= 0.1])
+    snr_all = schedule.snr(torch.arange(1000))
+    noisy = snr_all < 5.0
+    torch.testing.assert_close(floored[noisy], torch.clamp(w[noisy], min=0.1))  # max(Min-SNR weight, floor)
+    assert torch.equal(floored[~noisy], w[~noisy])  # the least noisy steps keep Min-SNR's small weights
+    assert floored[-1] == 0.1 and floored[0] == w[0] < 0.01 and torch.equal(floored[w >= 0.1], w[w >= 0.1])
+    eps = NoiseSchedule(ScheduleConfig(prediction_type="epsilon"))
+    assert torch.equal(eps.loss_weight(torch.arange(1000), 5.0, floor=0.5), eps.loss_weight(torch.arange(1000), 5.0))
     assert torch.equal(schedule.loss_weight(torch.arange(5), None, floor=0.1), torch.ones(5))  # plain MSE: no floor
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="floor"):

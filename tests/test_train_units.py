@@ -26,6 +26,10 @@ def test_config_rejects_unknown_and_bad_keys():
         TrainConfig(steps=10, warmup_steps=20)
     with pytest.raises(ValidationError, match="downsample factor"):
         TrainConfig(resolution=10, unet={"channels": [32, 64, 128], "norm_groups": 8})
+    with pytest.raises(ValidationError, match="set min_snr_gamma"):
+        TrainConfig(min_snr_gamma=None, loss_weight_floor=0.5)
+    with pytest.raises(ValidationError, match="loss_weight_floor"):
+        TrainConfig(loss_weight_floor=1.5)
     # a preset's YAML lists arrive as lists and are fine
     cfg = TrainConfig(unet={"channels": [32, 64], "attention_levels": [False, True], "norm_groups": 8}, betas=[0.9, 0.99])
     assert cfg.betas == (0.9, 0.99)
@@ -113,3 +117,17 @@ def test_lr_schedule_is_a_real_torch_scheduler():
         sched.step()
     assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
     assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+def test_run_key_changes_with_a_loss_weight_floor_only_when_one_is_set():
+    from types import SimpleNamespace
+
+    from models.unet import UNetConfig
+    from tasks.train import run_key
+
+    dataset = SimpleNamespace(version="v1")
+    embeddings = SimpleNamespace(encoder_id="enc", dataset_version="v1")
+    key = lambda cfg: run_key(dataset, embeddings, cfg, UNetConfig())  # noqa: E731
+    base = key(TrainConfig())
+    assert key(TrainConfig(loss_weight_floor=0.0)) == base  # keys of runs from before the field: resumable
+    assert key(TrainConfig(loss_weight_floor=0.5)) != base
