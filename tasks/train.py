@@ -613,7 +613,7 @@ class _Trainer:
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 loss = diffusion_loss(
                     self.model, self.schedule, x0, eps_all[sl], t_all[sl], context.float(), context_mask,
-                    c.min_snr_gamma, self.amp_dtype, self.channels_last, pooled, c.loss_weight_floor,
+                    c.min_snr_gamma, self.amp_dtype, self.channels_last, pooled, loss_weight_floor=c.loss_weight_floor,
                 )
                 (loss / c.grad_accum).backward()
             loss_total += loss.detach() / c.grad_accum

@@ -464,9 +464,9 @@ def test_pooled_conditioning_feeds_each_samples_pooled_embedding_and_drops_it_wi
     real_loss = train_module.diffusion_loss
     seen = []
 
-    def spy(model, schedule, x0, eps, t, context, context_mask, *args):
+    def spy(model, schedule, x0, eps, t, context, context_mask, *args, **kwargs):
         seen.append((context_mask.clone(), args[-1].clone()))
-        return real_loss(model, schedule, x0, eps, t, context, context_mask, *args)
+        return real_loss(model, schedule, x0, eps, t, context, context_mask, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "diffusion_loss", spy)
     cfg = tiny(steps=6, caption_dropout=0.5, checkpoint_every=6)
