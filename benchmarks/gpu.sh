@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu.sh                  # all three; results as JSON lines in $OUT (default ./gpu-results)
 #   bash benchmarks/gpu.sh embed quality    # only these (names: embed, train64, quality)
 #   QUALITY_TRAIN_SECONDS=600 bash benchmarks/gpu.sh quality   # a longer training budget
-#   QUALITY_SET="train.loss_weight_floor=0.5 shapes.n_images=10000" bash benchmarks/gpu.sh quality   # preset overrides
+#   QUALITY_SET="train.loss_weight_floor=0 shapes.n_images=10000" bash benchmarks/gpu.sh quality   # preset overrides
 #
 # A machine without prefect, mlflow, duckdb, open_clip or diffusers can take them as wheels
 # in .whl/ (installed into /tmp/site). Each benchmark has its own time limit, so one that
