@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.text_encoder import TextEncoder, TextEncoderConfig, TokenizerPool  # noqa: E402
 from tasks.embed import TOKENIZE_CHUNK, EmbedConfig, _autocast, tokenized_ahead, write_caption_shard  # noqa: E402
 
+from benchmarks.quality import _at_least  # noqa: E402
+
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "cyan", "magenta", "grey", "pink"]
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "cross", "diamond", "heart"]
 SIZES = ["", "small ", "large ", "tiny ", "big "]
@@ -55,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--rounds", type=int, default=2, help="alternations of naive and batched timing")
     p.add_argument(
-        "--tokenize-captions", type=_positive, default=20_000,
+        "--tokenize-captions", type=_at_least(1), default=20_000,
         help="captions for timing the tokenizer alone, this project's and open_clip's (default: 20000)",
     )  # fmt: skip
     p.add_argument("--shard", type=int, default=16384, help="captions per shard (the stage's captions_per_shard)")
@@ -65,13 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="after the timing, run one more shard under torch.profiler and print where its time went to stderr",
     )  # fmt: skip
     return p.parse_args(argv)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def make_captions(n: int, seed: int) -> list[str]:

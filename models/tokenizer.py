@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from open_clip.tokenizer import SimpleTokenizer, _clean_lower
+from open_clip.tokenizer import SimpleTokenizer, _clean_lower, whitespace_clean
 
 # Printable ASCII (space to "~") without "&": the text ftfy.fix_text and html.unescape return unchanged.
 _PLAIN = re.compile(r"[ -%'-~]*")
@@ -74,7 +74,7 @@ class ClipTokenizer:
     def encode(self, text: str) -> list[int]:
         """BPE ids of one caption, without start/end tokens (`SimpleTokenizer.encode`)."""
         if _PLAIN.fullmatch(text):
-            text = " ".join(text.split()).lower()  # _clean_lower after a basic_clean that changes nothing
+            text = whitespace_clean(text).lower()  # _clean_lower without basic_clean, which changes nothing here
         else:
             text = self.base.clean_fn(text)
         ids: list[int] = []
