@@ -1,11 +1,14 @@
-"""Caption-embedding throughput: the embed stage's batched, length-sorted path against a naive loop, same run.
+"""Caption-embedding throughput: the embed stage's batched path against a naive loop, same run.
 
 Batched: what `embed_dataset` runs over its shards: tokenize (over a `TokenizerPool` of
 worker processes on a GPU, started before the timing as the stage starts it once per run;
-the next shard tokenizing while this one encodes), sort by token length, encode `--batch`
-captions per call (bf16 autocast on CUDA), write Parquet caption shards from a writer
-thread. Naive: `TextEncoder.encode([caption])` one caption at a time, each result copied to
-the host (no file). Both use the same random-init encoder (no download) on
+the next shard tokenizing while this one encodes), sort by token prefix, encode `--batch`
+captions per call, each distinct token prefix once (bf16 autocast on CUDA), write Parquet
+caption shards from writer threads. Naive: what a hand-rolled loop runs, one caption at a
+time through open_clip's own forward at the full context length (the encoder's padded path
+on 77 positions), each result copied to the host (no file); `single_captions_per_s` is this
+project's encoder one caption at a time (only the real tokens), for the share of the
+speedup that batching adds. All use the same random-init encoder (no download) on
 distinct shapes-style captions of varied length, after an untimed warm-up. Prints one JSON
 line: captions/s of each, `speedup` = batched / naive, bytes written per caption, the
 tokenizer's own captions/s in one process (and `tokenize_speedup` over open_clip's own
@@ -33,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.text_encoder import TextEncoder, TextEncoderConfig, TokenizerPool  # noqa: E402
+from models.text_encoder import PrefixTrie, TextEncoder, TextEncoderConfig, TokenizerPool, prefix_order  # noqa: E402
 from tasks.embed import TOKENIZE_CHUNK, EmbedConfig, _autocast, tokenized_ahead, write_caption_shard  # noqa: E402
 
 from benchmarks.quality import _at_least  # noqa: E402
@@ -63,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard", type=int, default=16384, help="captions per shard (the stage's captions_per_shard)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--captions-from", type=Path, default=None, metavar="PATH",
+        help="take the distinct captions of these Parquet files (a file, or a folder searched recursively; "
+        "a `caption` column) instead of generated ones, in a seeded shuffle",
+    )  # fmt: skip
+    p.add_argument(
         "--profile", action="store_true",
         help="after the timing, run one more shard under torch.profiler and print where its time went to stderr",
     )  # fmt: skip
@@ -84,6 +92,22 @@ def make_captions(n: int, seed: int) -> list[str]:
     return list(captions)
 
 
+def read_captions(path: Path, seed: int) -> list[str]:
+    """The distinct non-null `caption` values of a Parquet file or of every one under a folder, shuffled."""
+    import pyarrow.parquet as pq
+
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    found: dict[str, None] = {}
+    for f in files:
+        if "caption" in pq.read_schema(f).names:
+            found.update(dict.fromkeys(c for c in pq.read_table(f, columns=["caption"]).column(0).to_pylist() if c is not None))
+    if not found:
+        raise SystemExit(f"no Parquet file with a `caption` column under {path}")
+    captions = sorted(found)
+    random.Random(seed).shuffle(captions)
+    return captions
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -100,7 +124,13 @@ def main(argv: list[str] | None = None) -> dict:
     batch = args.batch or (1024 if gpu else 256)
 
     encoder = TextEncoder(TextEncoderConfig(args.model, allow_random_init=True), device=device)
-    captions = make_captions(batch + n_naive + n, args.seed)
+    if args.captions_from is not None:
+        captions = read_captions(args.captions_from, args.seed)
+        n = min(n, len(captions) - batch - n_naive)
+        if n < 1:
+            raise SystemExit(f"{args.captions_from} has {len(captions)} distinct captions; need more than {batch + n_naive}")
+    else:
+        captions = make_captions(batch + n_naive + n, args.seed)
     warmup, naive, batched = captions[:batch], captions[batch : batch + n_naive], captions[batch + n_naive :]
 
     workers = args.tokenize_workers
@@ -112,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     pool_start_s = time.perf_counter() - t0
 
     # Rounds alternate the two paths, so a neighbour's load on a shared machine hits both alike.
-    naive_s = batched_s = 0.0
+    naive_s = single_s = batched_s = 0.0
     shard_bytes, max_tokens = 0, 0
     with tempfile.TemporaryDirectory() as tmp, pool:
         write_caption_shard(encoder, warmup, Path(tmp) / "warmup.parquet", batch)  # kernels, allocator, BPE cache
@@ -121,10 +151,18 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             for caption in naive[r :: args.rounds]:
                 with _autocast(device):
-                    enc = encoder.encode([caption])
+                    enc = encoder.encode_tokens(encoder.tokenize([caption]), share_prefixes=False)  # 77 positions
                 enc.tokens[enc.mask].to(torch.float16).cpu()
             synchronize(device)
             naive_s += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            for caption in naive[r :: args.rounds]:
+                with _autocast(device):
+                    enc = encoder.encode([caption])  # real tokens only
+                enc.tokens[enc.mask].to(torch.float16).cpu()
+            synchronize(device)
+            single_s += time.perf_counter() - t0
 
             part = batched[r :: args.rounds]
             shards = [part[i : i + args.shard] for i in range(0, len(part), args.shard)]
@@ -151,9 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
     open_clip_tokenize_s = time.perf_counter() - t0
     if not torch.equal(ids, reference):
         raise AssertionError("ClipTokenizer and open_clip's tokenizer disagree on the benchmark captions")
-    lengths = (ids == encoder.tokenizer.eot_token_id).int().argmax(dim=1) + 1
 
     batched_rate, naive_rate = len(batched) / batched_s, len(naive) / naive_s
+    mean_tokens, tower_tokens = token_counts(encoder, [batched[r :: args.rounds] for r in range(args.rounds)], args.shard, batch)
     out = {
         "benchmark": "embed",
         "device": torch.cuda.get_device_name(device) if gpu else f"cpu ({platform.processor() or platform.machine()})",
@@ -162,14 +200,19 @@ def main(argv: list[str] | None = None) -> dict:
         "precision": "bf16-autocast" if gpu else "fp32",
         "batch": batch,
         "captions": len(batched),
+        "captions_from": str(args.captions_from) if args.captions_from else "generated",
         "rounds": args.rounds,
         "shard": args.shard,
         "batched_captions_per_s": round(batched_rate, 2),
         "naive_captions": len(naive),
         "naive_captions_per_s": round(naive_rate, 2),
         "speedup": round(batched_rate / naive_rate, 2),
+        "single_captions_per_s": round(len(naive) / single_s, 2),
+        "speedup_over_single": round(batched_rate * single_s / len(naive), 2),
+        "shares_prefixes": encoder.shares_prefixes,
+        "tower_tokens_per_caption": tower_tokens,  # positions the tower's projections and MLPs ran, per caption
         "bytes_per_caption": round(shard_bytes / len(batched), 1),
-        "mean_tokens": round(float(lengths.float().mean()), 2),  # of the tokenizer's sample
+        "mean_tokens": mean_tokens,  # of the batched captions
         "max_tokens": max_tokens,
         "context_length": encoder.context_length,
         "width": encoder.width,
@@ -184,6 +227,26 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(out), flush=True)
     return out
+
+
+def token_counts(encoder: TextEncoder, rounds: list[list[str]], shard: int, batch: int) -> tuple[float, float]:
+    """(real tokens, positions the tower runs) per caption over the stage's shards and batches:
+    the distinct token prefixes of each batch, in prefix order within a shard, when the encoder
+    shares prefixes; each batch's longest caption times its size otherwise."""
+    real = run = 0
+    for captions in rounds:
+        for start in range(0, len(captions), shard):
+            text = encoder.tokenize(captions[start : start + shard])
+            lengths = (text == encoder.tokenizer.eot_token_id).int().argmax(dim=1) + 1
+            real += int(lengths.sum())
+            if encoder.shares_prefixes:
+                batches = torch.split(prefix_order(text, lengths), batch)
+                run += sum(len(PrefixTrie.build(text[rows], lengths[rows]).first_row) for rows in batches)
+            else:
+                batches = torch.split(torch.argsort(lengths, descending=True), batch)
+                run += sum(len(rows) * int(lengths[rows].max()) for rows in batches)
+    n = sum(map(len, rounds))
+    return round(real / n, 2), round(run / n, 2)
 
 
 def profile_shard(encoder, captions: list[str], pool: TokenizerPool, path: Path, batch: int, device: torch.device) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import TextTransformer, text_global_pool
+from open_clip.transformer import ResidualAttentionBlock, TextTransformer, text_global_pool
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -158,6 +158,8 @@ class TextEncoder(torch.nn.Module):
         self.width: int = int(text.transformer.width)
         self.pooled_dim: int = _projected_dim(text.text_projection, self.width)
         self.is_random_init: bool = weights_path is None
+        # Whether encode_tokens can run the tower once per distinct token prefix (open_clip's plain blocks).
+        self.shares_prefixes: bool = _shares_prefixes(text)
         self.identity: dict[str, Any] = {
             "model_name": config.model_name,
             "weights": weights_id,
@@ -190,13 +192,20 @@ class TextEncoder(torch.nn.Module):
         return self.encode_tokens(self.tokenize(captions))
 
     @torch.no_grad()
-    def encode_tokens(self, text: torch.Tensor) -> TextEncoding:
+    def encode_tokens(self, text: torch.Tensor, share_prefixes: bool = True) -> TextEncoding:
         """Token ids from `tokenize`, (B, L') with L' <= context_length -> an encoding of length L'.
 
         Cutting padding columns off (L' < context_length) is exact as long as every row keeps
         its end-of-text token: the tower is causal, so a token never attends to a later
-        position, and the pooled embedding is read at the end-of-text token. The embed stage
-        cuts each length-sorted batch to its longest caption, which saves most of the compute.
+        position, and the pooled embedding is read at the end-of-text token. Token states past
+        a caption's end are zero (as `tasks.embed.load_embeddings` pads them).
+
+        For the same reason a token's states depend only on the tokens up to it, so captions
+        that begin alike share those states: with `share_prefixes` (and open_clip's plain
+        residual blocks) the tower's projections and MLPs run once per distinct token prefix
+        of the batch (a prefix trie), not once per padded position; attention, cheap at
+        caption lengths, still runs per caption. Under `layer="penultimate"` the last block runs
+        only at the end-of-text tokens, the one place its output (the pooled embedding) is read.
         """
         t = self._text()
         if text.ndim != 2 or not 1 <= text.shape[1] <= self.context_length:
@@ -204,14 +213,31 @@ class TextEncoder(torch.nn.Module):
         eot = text == self.tokenizer.eot_token_id  # (B, L)
         if not bool(eot.any(dim=1).all()):
             raise ValueError("every row needs its end-of-text token: cut no shorter than the longest caption")
-        if text.shape[1] < self.context_length and t.pool_type not in ("argmax", "eos", "first"):
-            raise ValueError(f"pool_type {t.pool_type!r} reads a fixed position; encode at the full context length")
+        if text.shape[1] < self.context_length and (t.pool_type not in ("argmax", "eos", "first") or t.attn_mask is None):
+            raise ValueError(
+                f"this text tower (pool_type {t.pool_type!r}, causal mask: {t.attn_mask is not None}) reads "
+                "positions past a caption's end; encode at the full context length"
+            )
+        # Every row holds exactly one EOT token (the tokenizer puts it back after truncation).
+        lengths = eot.int().argmax(dim=1).cpu() + 1  # (B,)
+        mask = torch.arange(text.shape[1])[None, :] < lengths[:, None]  # (B, L')
+        device = t.positional_embedding.device
+        # Host work and host-to-device copies first: a copy waits for the device to finish
+        # what was queued before it, so none is left behind the tower's kernels.
+        mask_dev, lengths_dev = mask.to(device), lengths.to(device)
+        if share_prefixes and self.shares_prefixes:
+            tokens, pooled = self._encode_prefix_trie(t, text.cpu(), lengths)
+        else:
+            tokens, pooled = self._encode_padded(t, text)
+        tokens = tokens.masked_fill(~mask_dev[:, :, None], 0)  # (B, L', D)
+        return TextEncoding(tokens=tokens, mask=mask_dev, pooled=pooled, lengths=lengths_dev.long())
+
+    def _encode_padded(self, t: _TextModules, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """open_clip's CLIP.encode_text over (B, L) padded rows, keeping the configured layer's
+        token states -> (tokens (B, L, D) after ln_final, pooled (B, E))."""
         length = text.shape[1]
         text = text.to(t.positional_embedding.device)  # (B, L)
         cast_dtype = t.transformer.get_cast_dtype()
-
-        # Same computation as open_clip's CLIP.encode_text, but the block loop is
-        # ours so the penultimate block's output can be kept (SD2's conditioning).
         x = t.token_embedding(text).to(cast_dtype)  # (B, L, D)
         x = x + t.positional_embedding[:length].to(cast_dtype)
         attn_mask = None if t.attn_mask is None else t.attn_mask[:length, :length]
@@ -227,19 +253,44 @@ class TextEncoder(torch.nn.Module):
                 hidden = x
         if not batch_first:
             x, hidden = x.transpose(0, 1), hidden.transpose(0, 1)  # (B, L, D)
-
         tokens = t.ln_final(hidden)  # (B, L, D)
         final = tokens if keep_after == len(blocks) else t.ln_final(x)  # (B, L, D)
-        pooled = text_global_pool(final, text, t.pool_type, eos_token_id=t.eos_id)  # (B, D)
-        if isinstance(t.text_projection, torch.nn.Linear):
-            pooled = t.text_projection(pooled)  # (B, E)
-        elif t.text_projection is not None:
-            pooled = pooled @ t.text_projection  # (B, E)
+        return tokens, _project(t, text_global_pool(final, text, t.pool_type, eos_token_id=t.eos_id))  # (B, E)
 
-        # Every row holds exactly one EOT token (the tokenizer puts it back after truncation).
-        lengths = eot.int().argmax(dim=1).to(text.device) + 1  # (B,)
-        mask = torch.arange(length, device=text.device)[None, :] < lengths[:, None]  # (B, L)
-        return TextEncoding(tokens=tokens, mask=mask, pooled=pooled, lengths=lengths.long())
+    def _encode_prefix_trie(
+        self, t: _TextModules, text: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tower over the distinct token prefixes of `text` (B, L') on the host -> (tokens
+        (B, L', D) after ln_final, garbage past each end; pooled (B, E)). Equal captions get equal bits."""
+        longest = int(lengths.max())
+        trie = PrefixTrie.build(text[:, :longest], lengths)
+        # Each distinct caption's EOT token once (equal captions share it).
+        eot_node = trie.node_of[torch.arange(len(lengths)), lengths[trie.order] - 1]  # (B,) sorted rows
+        eot_nodes, caption_eot = torch.unique(eot_node, return_inverse=True)  # (U,), (B,)
+        unsort = torch.argsort(trie.order)  # (B,) sorted position of each input row
+        device = t.positional_embedding.device
+        node_ids = text[trie.order][trie.first_row, trie.first_col].to(device)  # (N,) each node's own token
+        node_of = trie.node_of.clamp(min=0).to(device)  # (B, longest) sorted rows; past the end: any node
+        every_node = (trie.first_row.to(device), trie.first_col.to(device))  # (N,), (N,)
+        at_eot = (trie.first_row[eot_nodes].to(device), trie.first_col[eot_nodes].to(device))  # (U,), (U,)
+        eot_nodes, unsort, caption_eot = eot_nodes.to(device), unsort.to(device), caption_eot[unsort].to(device)
+
+        cast_dtype = t.transformer.get_cast_dtype()
+        x = t.token_embedding(node_ids).to(cast_dtype)  # (N, D)
+        x = x + t.positional_embedding[every_node[1]].to(cast_dtype)
+        blocks = t.transformer.resblocks
+        penultimate = self.config.layer == "penultimate"
+        for block in blocks[:-1] if penultimate else blocks:
+            x = _block_over_prefixes(block, x, node_of, every_node)  # (N, D)
+        states = t.ln_final(x)  # (N, D) the kept layer's token states
+        if penultimate:  # the last block only where its output is read: the EOT tokens
+            final = t.ln_final(_block_over_prefixes(blocks[-1], x, node_of, at_eot))  # (U, D)
+        else:
+            final = states[eot_nodes]  # (U, D)
+        tokens = states[node_of[unsort]]  # (B, longest, D)
+        if longest < text.shape[1]:
+            tokens = F.pad(tokens, (0, 0, 0, text.shape[1] - longest))  # (B, L', D)
+        return tokens, _project(t, final)[caption_eot]  # (B, E)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -284,6 +335,95 @@ class TextEncoder(torch.nn.Module):
 
 
 # --- model config and tokenizer -------------------------------------------------------------
+
+
+class PrefixTrie(NamedTuple):
+    """The distinct token prefixes of a batch: one node per prefix, each node a token whose
+    tower states every caption starting with that prefix shares (the tower is causal)."""
+
+    order: torch.Tensor  # (B,) the input rows in lexicographic order of their real tokens
+    node_of: torch.Tensor  # (B, L) node of each real token of the sorted rows; -1 past the end
+    first_row: torch.Tensor  # (N,) node n is token first_col[n] of sorted row first_row[n]
+    first_col: torch.Tensor  # (N,) = the node's position (its prefix length - 1)
+
+    @classmethod
+    def build(cls, text: torch.Tensor, lengths: torch.Tensor) -> PrefixTrie:
+        """`text` (B, L) ids, `lengths` (B,) real tokens per row (through the EOT token)."""
+        B, L = text.shape
+        cols = torch.arange(L)  # (L,)
+        order = prefix_order(text, lengths)  # (B,)
+        text, lengths = text[order], lengths[order]
+        real = cols[None, :] < lengths[:, None]  # (B, L)
+        # Sorted so, the rows that share a prefix are neighbours: a row shares with the row
+        # above it up to their first differing position, and starts new nodes from there.
+        differs = torch.ones(B, L, dtype=torch.bool)
+        differs[1:] = text[1:] != text[:-1]
+        shared = torch.where(differs.any(dim=1), differs.int().argmax(dim=1), L)  # (B,)
+        new = real & (cols[None, :] >= shared[:, None])  # (B, L) positions that start a node
+        new_id = new.flatten().cumsum(0).view(B, L) - 1  # (B, L) row-major node numbering
+        # A shared position's node is the one the nearest row above started at that position.
+        made_by = torch.where(new, torch.arange(B)[:, None], -1).cummax(dim=0).values  # (B, L)
+        node_of = torch.where(real, new_id.gather(0, made_by.clamp(min=0)), -1)  # (B, L)
+        first_row, first_col = new.nonzero(as_tuple=True)  # (N,) each, in node order
+        return cls(order, node_of, first_row, first_col)
+
+
+def prefix_order(text: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B,) the rows of `text` (B, L) ids in lexicographic order of their first `lengths` (B,)
+    tokens, a prefix before its extensions: captions that begin alike become neighbours."""
+    real = torch.arange(text.shape[1])[None, :] < lengths.cpu()[:, None]  # (B, L)
+    keyed = torch.where(real, text.cpu(), -1).numpy()  # (B, L)
+    return torch.from_numpy(np.lexsort(keyed[:, ::-1].T).astype(np.int64))  # lexsort's last key is the primary one
+
+
+def _block_over_prefixes(
+    block: torch.nn.Module, x: torch.Tensor, node_of: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """One open_clip `ResidualAttentionBlock` over prefix-trie nodes: x (N, D) node states,
+    node_of (B, L) the node at each position of B captions, `out` (rows, positions) of M
+    positions wanted -> their states after the block (M, D).
+
+    The projections and the MLP run on the nodes; causal attention runs per caption, its
+    queries, keys and values gathered from the nodes along the caption."""
+    attn = block.attn
+    B, L = node_of.shape
+    D, heads = x.shape[1], attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)[node_of]  # (B, L, 3D)
+    q, k, v = qkv.view(B, L, 3, heads, D // heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, D/H)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)[out]  # (M, H, D/H)
+    h = x[node_of[out]] + block.ls_1(attn.out_proj(o.reshape(-1, D)))  # (M, D)
+    return h + block.ls_2(block.mlp(block.ln_2(h)))
+
+
+def _project(t: _TextModules, pooled: torch.Tensor) -> torch.Tensor:
+    """CLIP's text projection of pooled states (B, D) -> (B, E)."""
+    if isinstance(t.text_projection, torch.nn.Linear):
+        return t.text_projection(pooled)
+    if t.text_projection is not None:
+        return pooled @ t.text_projection
+    return pooled
+
+
+def _shares_prefixes(t: _TextModules) -> bool:
+    """Whether `_block_over_prefixes` computes this tower's blocks: open_clip's plain residual
+    blocks (one packed in-projection, no extra key/value bias) under its causal mask, pooled
+    at the EOT token. Other towers take the padded path."""
+
+    def plain(block: torch.nn.Module) -> bool:
+        attn = getattr(block, "attn", None)
+        return (
+            type(block) is ResidualAttentionBlock
+            and isinstance(attn, torch.nn.MultiheadAttention)
+            and attn._qkv_same_embed_dim
+            and attn.bias_k is None
+            and not attn.add_zero_attn
+            and not hasattr(block, "ln_1_kv")
+        )
+
+    causal = t.attn_mask is not None and bool(
+        torch.equal(torch.isneginf(t.attn_mask.cpu()), torch.ones_like(t.attn_mask, dtype=torch.bool, device="cpu").triu(1))
+    )
+    return causal and t.pool_type in ("argmax", "eos") and all(plain(b) for b in t.transformer.resblocks)
 
 
 class TokenizerPool:

@@ -64,7 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from models.checkpoint import fsync_dir
-from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizerPool
+from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizerPool, prefix_order
 from tasks import storage
 from tasks.cluster import dask_client, require_distributed
 from tasks.contracts import DatasetVersion, EmbeddingSet
@@ -368,10 +368,12 @@ def write_caption_shard(
     on_batch: Callable[[int], object] | None = None,
     text: torch.Tensor | None = None,
 ) -> int:
-    """Encode distinct `captions` in batches of similar token length and write one shard.
+    """Encode distinct `captions` in batches and write one shard.
 
-    Returns the longest token count. Batches go longest first, so a batch size too big
-    for the device fails on the first batch rather than the last. `text`, their token ids
+    Returns the longest token count. A batch holds captions that begin alike (the encoder
+    runs each distinct token prefix once), or, for a tower without prefix sharing, captions
+    of similar length (each batch is cut to its longest). The batch with the longest
+    caption goes first, so a batch size too big for the device fails early. `text`, their token ids
     (e.g. from a `TokenizerPool`), saves tokenizing them here. Behind the encoder, one
     thread copies each encoded batch to the host as Arrow while another writes the
     previous one to Parquet (each part alone ran at 58k-70k captions/s on an H200, so one
@@ -380,7 +382,12 @@ def write_caption_shard(
     if text is None:
         text = encoder.tokenize(list(captions))  # (n, C), truncated as open_clip does
     lengths = _token_lengths(encoder, text)  # (n,)
-    order = torch.argsort(lengths, descending=True, stable=True).tolist()
+    if encoder.shares_prefixes:
+        order = prefix_order(text, lengths)  # (n,)
+    else:
+        order = torch.argsort(lengths, descending=True, stable=True)  # (n,)
+    batches = list(torch.split(order, batch_size))
+    batches.sort(key=lambda rows: -int(lengths[rows].max()))  # stable: length order stays as it was
     schema = caption_schema(encoder.width, encoder.pooled_dim)
     path.parent.mkdir(parents=True, exist_ok=True)
     with (
@@ -401,10 +408,9 @@ def write_caption_shard(
             if on_batch is not None:
                 on_batch(count)
 
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            batch = [captions[i] for i in rows]
-            encoding = _encode_batch(encoder, batch, text[rows, : int(lengths[rows[0]])])  # longest first
+        for rows in batches:
+            batch = [captions[i] for i in rows.tolist()]
+            encoding = _encode_batch(encoder, batch, text[rows, : int(lengths[rows].max())])
             record_batch = arrow_thread.submit(_caption_record_batch, batch, encoding, schema)
             pending.append(write_thread.submit(write, record_batch, len(batch)))
             while len(pending) > 3 or (pending and pending[0].done()):  # bounded memory: at most 4 encoded batches held
@@ -417,8 +423,8 @@ def write_caption_shard(
 
 def _encode_batch(encoder: TextEncoder, captions: list[str], text: torch.Tensor) -> TextEncoding:
     # The one place the stage calls the encoder (tests count and interrupt calls here).
-    # `text` is cut to the batch's longest caption: exact for the causal tower, and the
-    # length sort keeps that short; `captions` are the same rows, for the record.
+    # `text` is cut to the batch's longest caption: exact for the causal tower;
+    # `captions` are the same rows, for the record.
     with _autocast(encoder.device):
         return encoder.encode_tokens(text)
 

@@ -32,6 +32,7 @@ from models.text_encoder import TextEncoder, TextEncoderConfig
 from tasks.contracts import DatasetVersion
 from tasks.embed import (
     EmbedConfig,
+    build_encoder,
     EmbedError,
     embed_dataset,
     embed_from_path,
@@ -168,13 +169,30 @@ def test_round_trip_padding_mask_and_one_encode_per_distinct_caption(toy, config
     assert torch.equal(train.tokens[0], train.tokens[2])  # duplicate captions share one stored embedding
 
 
-def test_streamed_shards_are_length_sorted_and_padding_length_is_the_callers(toy, config):
+def test_streamed_shards_batch_alike_captions_and_padding_length_is_the_callers(toy, config, monkeypatch):
+    calls: list[list[str]] = []
+    original = embed_module._encode_batch
+
+    def recording(encoder, captions, *args):
+        calls.append(list(captions))
+        return original(encoder, captions, *args)
+
+    monkeypatch.setattr(embed_module, "_encode_batch", recording)
     es = embed_dataset(toy, config, progress=False)
     manifest = read_manifest(es.path)
     assert len(manifest["files"]["captions"]) == 3  # 8 distinct captions, 3 per shard
+    tokenizer = build_encoder(config).tokenizer
+
+    def ids(caption: str) -> tuple[int, ...]:
+        row = tokenizer.ids([caption], context_length=77)[0].tolist()
+        return tuple(row[: row.index(tokenizer.eot_token_id) + 1])
+
     for name in manifest["files"]["captions"]:
-        n_tok = pq.read_table(Path(es.path) / name).column("num_tokens").to_pylist()
-        assert n_tok == sorted(n_tok, reverse=True)  # longest first within a shard
+        in_shard = set(pq.read_table(Path(es.path) / name).column("caption").to_pylist())
+        shard = [batch for batch in calls if set(batch) <= in_shard]  # its encoder calls, in order
+        assert sorted(c for batch in shard for c in batch) == sorted(in_shard)
+        assert all([ids(c) for c in batch] == sorted(ids(c) for c in batch) for batch in shard)  # shared prefixes meet
+        assert max(len(ids(c)) for c in shard[0]) == max(len(ids(c)) for c in in_shard)  # the longest batch first
 
     default = load_embeddings(es, "train")
     full = load_embeddings(es, "train", max_length=77)

@@ -1,10 +1,13 @@
 """benchmarks/quality.py: the budget fit and the target check (the run itself is the tiny pipeline
-that test_pipeline.py already covers), and that every stage module it imports loads without
-Prefect and MLflow, as on the GPU box."""
+that test_pipeline.py already covers), that every stage module it imports loads without
+Prefect and MLflow, as on the GPU box, and a tiny run of benchmarks/embed.py."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from benchmarks.quality import check_targets, fit_steps
 from tasks.presets import load_preset
@@ -49,3 +52,23 @@ def test_stage_modules_and_presets_load_without_prefect_or_mlflow():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_embed_benchmark_runs_on_given_captions(tiny_clip, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from benchmarks.embed import main as embed_benchmark
+
+    captions = [f"a {c} {s} in the {p}" for c in ("red", "blue", "green") for s in ("circle", "square") for p in ("top", "centre")]
+    (tmp_path / "part").mkdir()
+    pq.write_table(pa.table({"caption": captions + [None, captions[0]]}), tmp_path / "part" / "a.parquet")
+    args = ["--model", tiny_clip, "--device", "cpu", "--batch", "4", "--naive-captions", "2", "--captions", "100"]
+    out = embed_benchmark([*args, "--tokenize-captions", "30", "--captions-from", str(tmp_path)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    assert out["captions"] == len(captions) - 4 - 2  # the distinct ones past the warm-up and the naive loop
+    assert out["shares_prefixes"] and out["speedup"] > 0 and out["single_captions_per_s"] > 0
+    # "a {colour}" prefixes are shared within a batch: fewer positions run than real tokens.
+    assert out["tower_tokens_per_caption"] < out["mean_tokens"] == 8.0
+    with pytest.raises(SystemExit, match="distinct captions"):
+        embed_benchmark([*args, "--batch", "12", "--captions-from", str(tmp_path)])

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.checkpoint import UnsafeCheckpointError
-from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizerPool
+from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizerPool, PrefixTrie
 
 TINY = "t2i-test-text-encoder-tiny"  # own name: conftest registers another tiny config
 TINY_CFG = {
@@ -140,7 +140,8 @@ def test_penultimate_matches_open_clip_intermediates_and_differs_from_last():
     ref = pen.clip.forward_intermediates(
         text=pen.tokenize(CAPTIONS), text_indices=[n_blocks - 2], normalize_intermediates=True, intermediates_only=True
     )["text_intermediates"][0]
-    torch.testing.assert_close(out_pen.tokens, ref, rtol=1e-5, atol=1e-6)
+    real = out_pen.mask[:, :, None]  # past a caption's end the states are zero, as a loaded set pads them
+    torch.testing.assert_close(out_pen.tokens, ref * real, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out_pen.tokens, out_last.tokens)
     # The pooled embedding is CLIP's, whichever layer conditions the UNet.
     torch.testing.assert_close(out_pen.pooled, out_last.pooled)
@@ -166,6 +167,68 @@ def test_long_caption_truncated_like_open_clip():
     out = enc.encode([caption])
     assert out.lengths.tolist() == [enc.context_length] and out.mask.all()
     assert ids[0, -1] == open_clip.get_tokenizer(TINY).eot_token_id
+
+
+def test_prefix_trie_nodes_are_the_distinct_prefixes():
+    # Oracle: the set of real-token prefixes, counted with Python tuples.
+    gen = torch.Generator().manual_seed(0)
+    B, L, eot = 60, 9, 99
+    lengths = torch.randint(1, L + 1, (B,), generator=gen)
+    text = torch.randint(0, 3, (B, L), generator=gen)  # 3 symbols: many shared prefixes and some equal rows
+    text[torch.arange(L)[None, :] >= lengths[:, None]] = 0
+    text[torch.arange(B), lengths - 1] = eot
+    trie = PrefixTrie.build(text, lengths)
+    rows = [tuple(text[r, : lengths[r]].tolist()) for r in range(B)]
+    prefixes = {row[: j + 1] for row in rows for j in range(len(row))}
+    assert len(trie.first_row) == len(prefixes) < int(lengths.sum())
+    assert sorted(rows) == [rows[r] for r in trie.order.tolist()]  # lexicographic order
+    seen = {}
+    for s, r in enumerate(trie.order.tolist()):
+        for j in range(L):
+            node = int(trie.node_of[s, j])
+            if j >= lengths[r]:
+                assert node == -1
+                continue
+            assert seen.setdefault(node, rows[r][: j + 1]) == rows[r][: j + 1]  # one prefix per node
+            made_at = rows[int(trie.order[trie.first_row[node]])][: int(trie.first_col[node]) + 1]
+            assert made_at == rows[r][: j + 1]
+    assert len(set(seen.values())) == len(seen) == len(prefixes)  # and one node per prefix
+
+
+@pytest.mark.parametrize("layer", ["penultimate", "last"])
+def test_shared_prefixes_give_the_padded_towers_states(layer):
+    enc = _random(seed=2, layer=layer)
+    assert enc.shares_prefixes  # open_clip's plain blocks: the trie path runs
+    long = "a small red circle next to a big blue square " * 20
+    captions = [
+        "a red circle", "a red circle on a white background", "a red square", "a red circle", "",
+        "two blue squares", "a red", long, "a red circle on a white", "two", "a red circle on a white background",
+    ]  # fmt: skip
+    ids = enc.tokenize(captions)
+    longest = int(((ids == enc.tokenizer.eot_token_id).int().argmax(dim=1) + 1).max())
+    for text in (ids, ids[[3, 2, 6, 0], :7]):  # full context and a cut one (rows in the callers' order, not sorted)
+        shared, padded = enc.encode_tokens(text), enc.encode_tokens(text, share_prefixes=False)
+        assert torch.equal(shared.mask, padded.mask) and torch.equal(shared.lengths, padded.lengths)
+        torch.testing.assert_close(shared.tokens, padded.tokens, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(shared.pooled, padded.pooled, rtol=1e-5, atol=1e-5)
+        assert not shared.tokens[~shared.mask].any()
+    out = enc.encode_tokens(ids[:, :longest])
+    assert torch.equal(out.tokens[0], out.tokens[3]) and torch.equal(out.pooled[1], out.pooled[10])
+    # A shared prefix has one set of states: "a red circle" is the start of "a red circle on a ...".
+    assert torch.equal(out.tokens[0, :4], out.tokens[1, :4])
+
+
+def test_tower_without_causal_mask_takes_the_padded_path_at_full_length(tmp_path):
+    name = "t2i-test-text-encoder-bidirectional"
+    cfg = {**TINY_CFG, "text_cfg": {**TINY_CFG["text_cfg"], "no_causal_mask": True}}
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    enc = TextEncoder(TextEncoderConfig(name, layer="last", allow_random_init=True))
+    assert not enc.shares_prefixes
+    out = enc.encode(CAPTIONS)
+    torch.testing.assert_close(out.pooled, enc.clip.encode_text(enc.tokenize(CAPTIONS)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="full context length"):  # pads would change real tokens' states
+        enc.encode_tokens(enc.tokenize(CAPTIONS)[:, :12])
 
 
 def test_tokenizer_pool_gives_the_serial_ids_in_order():
