@@ -45,6 +45,21 @@ def test_same_seed_same_image_and_prompts_matter(pipe):
     assert torch.allclose(a[1:], alone, atol=1e-5)
 
 
+def test_stored_empty_caption_is_checked_on_its_real_tokens(pipe):
+    from mlflow.exceptions import MlflowException
+
+    from models.mlflow_model import _check_uncond
+
+    uncond = pipe.text_encoder.encode([""])
+    tokens, mask = uncond.tokens[0].clone(), uncond.mask[0]  # (L, D), (L,)
+    assert not tokens[~mask].any()
+    tokens[~mask] = torch.randn_like(tokens[~mask])  # as registered before padding states were zeroed
+    _check_uncond(pipe, {"tokens": tokens, "mask": mask})
+    tokens[1] += 1.0  # a real token differs by O(1): another encoder
+    with pytest.raises(MlflowException, match="does not reproduce the stored empty-caption embedding"):
+        _check_uncond(pipe, {"tokens": tokens, "mask": mask})
+
+
 def test_save_then_load_reproduces_outputs(pipe, tmp_path):
     pipe.save(tmp_path / "model")
     loaded = TextToImage.load(tmp_path / "model")
