@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="ViT-B-32", help="open_clip model name (random init, no download)")
-    p.add_argument("--captions", type=int, default=None, help="captions for the batched path (default: 256 CPU, 100000 GPU)")
+    p.add_argument("--captions", type=int, default=None, help="captions for the batched path (default: 256 CPU, 100000 GPU; with --captions-from at most what the files hold past the warm-up and naive ones)")
     p.add_argument("--naive-captions", type=int, default=None, help="captions for the naive loop (default: 16 CPU, 512 GPU)")
     p.add_argument("--batch", type=int, default=None, help="captions per encoder call (default: 256 CPU, 1024 GPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -67,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--captions-from", type=Path, default=None, metavar="PATH",
-        help="take the distinct captions of these Parquet files (a file, or a folder searched recursively; "
-        "a `caption` column) instead of generated ones, in a seeded shuffle",
+        help="take the distinct captions of these Parquet files (a file, or a folder searched recursively, "
+        "rejects.parquet skipped; a `caption` column) instead of generated ones, in a seeded shuffle",
     )  # fmt: skip
     p.add_argument(
         "--profile", action="store_true",
@@ -93,10 +93,11 @@ def make_captions(n: int, seed: int) -> list[str]:
 
 
 def read_captions(path: Path, seed: int) -> list[str]:
-    """The distinct non-null `caption` values of a Parquet file or of every one under a folder, shuffled."""
+    """The distinct non-null `caption` values of a Parquet file or of every one under a folder
+    (but an ingested dataset's rejects.parquet), shuffled."""
     import pyarrow.parquet as pq
 
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    files = sorted(f for f in path.rglob("*.parquet") if f.name != "rejects.parquet") if path.is_dir() else [path]
     found: dict[str, None] = {}
     for f in files:
         if "caption" in pq.read_schema(f).names:
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"{args.captions_from} has {len(captions)} distinct captions; need more than {batch + n_naive}")
     else:
         captions = make_captions(batch + n_naive + n, args.seed)
-    warmup, naive, batched = captions[:batch], captions[batch : batch + n_naive], captions[batch + n_naive :]
+    warmup, naive, batched = captions[:batch], captions[batch : batch + n_naive], captions[batch + n_naive : batch + n_naive + n]
 
     workers = args.tokenize_workers
     if workers is None:
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     shard_bytes, max_tokens = 0, 0
     with tempfile.TemporaryDirectory() as tmp, pool:
         write_caption_shard(encoder, warmup, Path(tmp) / "warmup.parquet", batch)  # kernels, allocator, BPE cache
+        with _autocast(device):
+            encoder.encode_tokens(encoder.tokenize(warmup[:1]), share_prefixes=False)  # the naive loop's path too
         for r in range(args.rounds):
             synchronize(device)
             t0 = time.perf_counter()

@@ -159,7 +159,7 @@ class TextEncoder(torch.nn.Module):
         self.pooled_dim: int = _projected_dim(text.text_projection, self.width)
         self.is_random_init: bool = weights_path is None
         # Whether encode_tokens can run the tower once per distinct token prefix (open_clip's plain blocks).
-        self.shares_prefixes: bool = _shares_prefixes(text)
+        self.shares_prefixes: bool = _shares_prefixes(text, self.tokenizer.eot_token_id)
         self.identity: dict[str, Any] = {
             "model_name": config.model_name,
             "weights": weights_id,
@@ -204,8 +204,9 @@ class TextEncoder(torch.nn.Module):
         that begin alike share those states: with `share_prefixes` (and open_clip's plain
         residual blocks) the tower's projections and MLPs run once per distinct token prefix
         of the batch (a prefix trie), not once per padded position; attention, cheap at
-        caption lengths, still runs per caption. Under `layer="penultimate"` the last block runs
-        only at the end-of-text tokens, the one place its output (the pooled embedding) is read.
+        caption lengths, still runs per caption. Under `layer="penultimate"` the last block's
+        output projection and MLP run only at the end-of-text tokens, the one place its output
+        (the pooled embedding) is read.
         """
         t = self._text()
         if text.ndim != 2 or not 1 <= text.shape[1] <= self.context_length:
@@ -221,16 +222,17 @@ class TextEncoder(torch.nn.Module):
         # Every row holds exactly one EOT token (the tokenizer puts it back after truncation).
         lengths = eot.int().argmax(dim=1).cpu() + 1  # (B,)
         mask = torch.arange(text.shape[1])[None, :] < lengths[:, None]  # (B, L')
+        # All host work before the first copy to the device: a copy from pageable memory waits
+        # for the device to finish the work queued before it (the previous batch).
+        plan = _TriePlan.build(text.cpu(), lengths) if share_prefixes and self.shares_prefixes else None
         device = t.positional_embedding.device
-        # Host work and host-to-device copies first: a copy waits for the device to finish
-        # what was queued before it, so none is left behind the tower's kernels.
-        mask_dev, lengths_dev = mask.to(device), lengths.to(device)
-        if share_prefixes and self.shares_prefixes:
-            tokens, pooled = self._encode_prefix_trie(t, text.cpu(), lengths)
+        mask, lengths = _to_device(mask, device), _to_device(lengths, device)
+        if plan is not None:
+            tokens, pooled = self._encode_prefix_trie(t, plan.to(device), text.shape[1])
         else:
             tokens, pooled = self._encode_padded(t, text)
-        tokens = tokens.masked_fill(~mask_dev[:, :, None], 0)  # (B, L', D)
-        return TextEncoding(tokens=tokens, mask=mask_dev, pooled=pooled, lengths=lengths_dev.long())
+        tokens = tokens.masked_fill(~mask[:, :, None], 0)  # (B, L', D)
+        return TextEncoding(tokens=tokens, mask=mask, pooled=pooled, lengths=lengths.long())
 
     def _encode_padded(self, t: _TextModules, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """open_clip's CLIP.encode_text over (B, L) padded rows, keeping the configured layer's
@@ -257,40 +259,27 @@ class TextEncoder(torch.nn.Module):
         final = tokens if keep_after == len(blocks) else t.ln_final(x)  # (B, L, D)
         return tokens, _project(t, text_global_pool(final, text, t.pool_type, eos_token_id=t.eos_id))  # (B, E)
 
-    def _encode_prefix_trie(
-        self, t: _TextModules, text: torch.Tensor, lengths: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tower over the distinct token prefixes of `text` (B, L') on the host -> (tokens
-        (B, L', D) after ln_final, garbage past each end; pooled (B, E)). Equal captions get equal bits."""
-        longest = int(lengths.max())
-        trie = PrefixTrie.build(text[:, :longest], lengths)
-        # Each distinct caption's EOT token once (equal captions share it).
-        eot_node = trie.node_of[torch.arange(len(lengths)), lengths[trie.order] - 1]  # (B,) sorted rows
-        eot_nodes, caption_eot = torch.unique(eot_node, return_inverse=True)  # (U,), (B,)
-        unsort = torch.argsort(trie.order)  # (B,) sorted position of each input row
-        device = t.positional_embedding.device
-        node_ids = text[trie.order][trie.first_row, trie.first_col].to(device)  # (N,) each node's own token
-        node_of = trie.node_of.clamp(min=0).to(device)  # (B, longest) sorted rows; past the end: any node
-        every_node = (trie.first_row.to(device), trie.first_col.to(device))  # (N,), (N,)
-        at_eot = (trie.first_row[eot_nodes].to(device), trie.first_col[eot_nodes].to(device))  # (U,), (U,)
-        eot_nodes, unsort, caption_eot = eot_nodes.to(device), unsort.to(device), caption_eot[unsort].to(device)
-
+    def _encode_prefix_trie(self, t: _TextModules, plan: _TriePlan, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tower over a batch's distinct token prefixes -> (tokens (B, width, D) after
+        ln_final, garbage past each end; pooled (B, E)). Equal captions get equal bits."""
         cast_dtype = t.transformer.get_cast_dtype()
-        x = t.token_embedding(node_ids).to(cast_dtype)  # (N, D)
-        x = x + t.positional_embedding[every_node[1]].to(cast_dtype)
+        x = t.token_embedding(plan.node_token).to(cast_dtype)  # (N, D)
+        x = x + t.positional_embedding[plan.node_col].to(cast_dtype)
+        every_node = (plan.node_row, plan.node_col)  # (N,), (N,)
         blocks = t.transformer.resblocks
         penultimate = self.config.layer == "penultimate"
         for block in blocks[:-1] if penultimate else blocks:
-            x = _block_over_prefixes(block, x, node_of, every_node)  # (N, D)
+            x = _block_over_prefixes(block, x, plan.node_of, every_node)  # (N, D)
         states = t.ln_final(x)  # (N, D) the kept layer's token states
-        if penultimate:  # the last block only where its output is read: the EOT tokens
-            final = t.ln_final(_block_over_prefixes(blocks[-1], x, node_of, at_eot))  # (U, D)
+        if penultimate:  # the last block's output projection and MLP only where they are read: the EOT tokens
+            at_eot = (plan.node_row[plan.eot_node], plan.node_col[plan.eot_node])  # (U,), (U,)
+            final = t.ln_final(_block_over_prefixes(blocks[-1], x, plan.node_of, at_eot))  # (U, D)
         else:
-            final = states[eot_nodes]  # (U, D)
-        tokens = states[node_of[unsort]]  # (B, longest, D)
-        if longest < text.shape[1]:
-            tokens = F.pad(tokens, (0, 0, 0, text.shape[1] - longest))  # (B, L', D)
-        return tokens, _project(t, final)[caption_eot]  # (B, E)
+            final = states[plan.eot_node]  # (U, D)
+        tokens = states[plan.node_of[plan.unsort]]  # (B, longest, D)
+        if tokens.shape[1] < width:
+            tokens = F.pad(tokens, (0, 0, 0, width - tokens.shape[1]))  # (B, width, D)
+        return tokens, _project(t, final)[plan.caption_eot]  # (B, E)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -348,18 +337,18 @@ class PrefixTrie(NamedTuple):
 
     @classmethod
     def build(cls, text: torch.Tensor, lengths: torch.Tensor) -> PrefixTrie:
-        """`text` (B, L) ids, `lengths` (B,) real tokens per row (through the EOT token)."""
-        B, L = text.shape
-        cols = torch.arange(L)  # (L,)
-        order = prefix_order(text, lengths)  # (B,)
-        text, lengths = text[order], lengths[order]
-        real = cols[None, :] < lengths[:, None]  # (B, L)
+        """`text` (B, L) ids on the host, `lengths` (B,) real tokens per row (through the EOT token)."""
+        keyed = _real_tokens(text, lengths)  # (B, L) with L the longest, -1 past the end
+        B, L = keyed.shape
+        order = _lexicographic(keyed)  # (B,)
+        keyed = keyed[order]
+        real = keyed >= 0  # (B, L)
         # Sorted so, the rows that share a prefix are neighbours: a row shares with the row
         # above it up to their first differing position, and starts new nodes from there.
         differs = torch.ones(B, L, dtype=torch.bool)
-        differs[1:] = text[1:] != text[:-1]
+        differs[1:] = keyed[1:] != keyed[:-1]
         shared = torch.where(differs.any(dim=1), differs.int().argmax(dim=1), L)  # (B,)
-        new = real & (cols[None, :] >= shared[:, None])  # (B, L) positions that start a node
+        new = real & (torch.arange(L)[None, :] >= shared[:, None])  # (B, L) positions that start a node
         new_id = new.flatten().cumsum(0).view(B, L) - 1  # (B, L) row-major node numbering
         # A shared position's node is the one the nearest row above started at that position.
         made_by = torch.where(new, torch.arange(B)[:, None], -1).cummax(dim=0).values  # (B, L)
@@ -368,12 +357,54 @@ class PrefixTrie(NamedTuple):
         return cls(order, node_of, first_row, first_col)
 
 
+class _TriePlan(NamedTuple):
+    """A batch's prefix trie as the index tensors `_encode_prefix_trie` runs on."""
+
+    node_token: torch.Tensor  # (N,) each node's own token id
+    node_row: torch.Tensor  # (N,) sorted row and position where the node first appears
+    node_col: torch.Tensor  # (N,)
+    node_of: torch.Tensor  # (B, longest) node at each position of the sorted rows; past the end: node 0
+    eot_node: torch.Tensor  # (U,) the distinct EOT nodes (equal captions share one)
+    caption_eot: torch.Tensor  # (B,) input row -> its index in eot_node
+    unsort: torch.Tensor  # (B,) input row -> its sorted row
+
+    @classmethod
+    def build(cls, text: torch.Tensor, lengths: torch.Tensor) -> _TriePlan:
+        trie = PrefixTrie.build(text, lengths)
+        sorted_lengths = lengths[trie.order]  # (B,)
+        eot_node, caption_eot = torch.unique(trie.node_of[torch.arange(len(lengths)), sorted_lengths - 1], return_inverse=True)
+        unsort = torch.argsort(trie.order)  # (B,)
+        node_token = text[trie.order[trie.first_row], trie.first_col]  # (N,)
+        node_of = trie.node_of.clamp(min=0)
+        return cls(node_token, trie.first_row, trie.first_col, node_of, eot_node, caption_eot[unsort], unsort)
+
+    def to(self, device: torch.device) -> _TriePlan:
+        return _TriePlan(*(_to_device(x, device) for x in self))
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # From pinned memory a copy is queued behind the device's work instead of waiting for it.
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def prefix_order(text: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """(B,) the rows of `text` (B, L) ids in lexicographic order of their first `lengths` (B,)
     tokens, a prefix before its extensions: captions that begin alike become neighbours."""
-    real = torch.arange(text.shape[1])[None, :] < lengths.cpu()[:, None]  # (B, L)
-    keyed = torch.where(real, text.cpu(), -1).numpy()  # (B, L)
-    return torch.from_numpy(np.lexsort(keyed[:, ::-1].T).astype(np.int64))  # lexsort's last key is the primary one
+    return _lexicographic(_real_tokens(text, lengths))
+
+
+def _real_tokens(text: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, L) ids -> (B, longest) on the host, -1 past each row's `lengths`."""
+    lengths = lengths.cpu()
+    text = text.cpu()[:, : int(lengths.max())]
+    return torch.where(torch.arange(text.shape[1])[None, :] < lengths[:, None], text, -1)
+
+
+def _lexicographic(keyed: torch.Tensor) -> torch.Tensor:
+    # np.lexsort's last key is the primary one: reverse the columns; -1 sorts a prefix first.
+    return torch.from_numpy(np.lexsort(keyed.numpy()[:, ::-1].T).astype(np.int64))
 
 
 def _block_over_prefixes(
@@ -404,10 +435,10 @@ def _project(t: _TextModules, pooled: torch.Tensor) -> torch.Tensor:
     return pooled
 
 
-def _shares_prefixes(t: _TextModules) -> bool:
+def _shares_prefixes(t: _TextModules, eot_token_id: int) -> bool:
     """Whether `_block_over_prefixes` computes this tower's blocks: open_clip's plain residual
-    blocks (one packed in-projection, no extra key/value bias) under its causal mask, pooled
-    at the EOT token. Other towers take the padded path."""
+    blocks (one packed in-projection, no extra key/value bias) under a plain causal mask,
+    pooled at the EOT token. Other towers take the padded path."""
 
     def plain(block: torch.nn.Module) -> bool:
         attn = getattr(block, "attn", None)
@@ -420,10 +451,14 @@ def _shares_prefixes(t: _TextModules) -> bool:
             and not hasattr(block, "ln_1_kv")
         )
 
-    causal = t.attn_mask is not None and bool(
-        torch.equal(torch.isneginf(t.attn_mask.cpu()), torch.ones_like(t.attn_mask, dtype=torch.bool, device="cpu").triu(1))
-    )
-    return causal and t.pool_type in ("argmax", "eos") and all(plain(b) for b in t.transformer.resblocks)
+    if t.attn_mask is None:
+        return False
+    n = t.attn_mask.shape[-1]
+    causal = torch.full((n, n), float("-inf")).triu(1)  # 0 on and below the diagonal: is_causal's mask
+    if t.attn_mask.shape != (n, n) or not torch.equal(t.attn_mask.detach().float().cpu(), causal):
+        return False
+    pooled_at_eot = t.pool_type == "argmax" or (t.pool_type == "eos" and t.eos_id == eot_token_id)
+    return pooled_at_eot and all(plain(b) for b in t.transformer.resblocks)
 
 
 class TokenizerPool:

@@ -12,7 +12,8 @@ Layout of `<data_root>/embeddings/<dataset-version>/<encoder-id>/` (format 1):
 
     captions/part-00000.parquet  one row per distinct caption, "" included: caption_id (sha256 hex of the
                                  UTF-8 caption), caption, num_tokens (start..end-of-text token), tokens,
-                                 pooled; rows sorted longest first within a shard
+                                 pooled; rows in the order they were encoded (by token prefix within
+                                 each batch), which no reader relies on: rows are found by caption_id
     train/part-*.parquet         one row per dataset row, in dataset order: id, caption_id
     val/part-*.parquet
     val_images/part-*.parquet    only with encode_val_images: id, image_embed
@@ -341,7 +342,7 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
-# Encoding: the batched, length-sorted core (what benchmarks/embed.py measures)
+# Encoding: the batched core (what benchmarks/embed.py measures)
 
 
 def caption_schema(width: int, pooled_dim: int) -> pa.Schema:
@@ -373,7 +374,9 @@ def write_caption_shard(
     Returns the longest token count. A batch holds captions that begin alike (the encoder
     runs each distinct token prefix once), or, for a tower without prefix sharing, captions
     of similar length (each batch is cut to its longest). The batch with the longest
-    caption goes first, so a batch size too big for the device fails early. `text`, their token ids
+    caption goes first: on the padded path it needs the most memory, so a batch size too big
+    for the device fails early (on the prefix path memory follows the distinct prefixes, no
+    more than the padded path's at the same length). `text`, their token ids
     (e.g. from a `TokenizerPool`), saves tokenizing them here. Behind the encoder, one
     thread copies each encoded batch to the host as Arrow while another writes the
     previous one to Parquet (each part alone ran at 58k-70k captions/s on an H200, so one

@@ -19,7 +19,15 @@ import torch
 from safetensors.torch import save_file
 
 from models.checkpoint import UnsafeCheckpointError
-from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizerPool, PrefixTrie
+from models.text_encoder import (
+    PrefixTrie,
+    TextEncoder,
+    TextEncoderConfig,
+    TextEncoding,
+    TokenizerPool,
+    _shares_prefixes,
+    _text_modules,
+)
 
 TINY = "t2i-test-text-encoder-tiny"  # own name: conftest registers another tiny config
 TINY_CFG = {
@@ -182,9 +190,10 @@ def test_prefix_trie_nodes_are_the_distinct_prefixes():
     prefixes = {row[: j + 1] for row in rows for j in range(len(row))}
     assert len(trie.first_row) == len(prefixes) < int(lengths.sum())
     assert sorted(rows) == [rows[r] for r in trie.order.tolist()]  # lexicographic order
+    assert trie.node_of.shape == (B, int(lengths.max()))
     seen = {}
     for s, r in enumerate(trie.order.tolist()):
-        for j in range(L):
+        for j in range(trie.node_of.shape[1]):
             node = int(trie.node_of[s, j])
             if j >= lengths[r]:
                 assert node == -1
@@ -193,6 +202,9 @@ def test_prefix_trie_nodes_are_the_distinct_prefixes():
             made_at = rows[int(trie.order[trie.first_row[node]])][: int(trie.first_col[node]) + 1]
             assert made_at == rows[r][: j + 1]
     assert len(set(seen.values())) == len(seen) == len(prefixes)  # and one node per prefix
+    # Ids past a row's length never count: equal real tokens share, whatever follows them.
+    assert len(PrefixTrie.build(torch.tensor([[1, 2, 3], [1, 2, 3]]), torch.tensor([2, 3])).first_row) == 3
+    assert len(PrefixTrie.build(torch.tensor([[1, 2, 7], [1, 2, 0]]), torch.tensor([2, 2])).first_row) == 2
 
 
 @pytest.mark.parametrize("layer", ["penultimate", "last"])
@@ -216,6 +228,28 @@ def test_shared_prefixes_give_the_padded_towers_states(layer):
     assert torch.equal(out.tokens[0], out.tokens[3]) and torch.equal(out.pooled[1], out.pooled[10])
     # A shared prefix has one set of states: "a red circle" is the start of "a red circle on a ...".
     assert torch.equal(out.tokens[0, :4], out.tokens[1, :4])
+
+
+def test_towers_the_trie_cannot_compute_take_the_padded_path(tmp_path):
+    def encoder(name: str, **text_cfg) -> TextEncoder:
+        cfg = {**TINY_CFG, "text_cfg": {**TINY_CFG["text_cfg"], **text_cfg}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+        open_clip.add_model_config(tmp_path / f"{name}.json")
+        return TextEncoder(TextEncoderConfig(name, layer="last", allow_random_init=True))
+
+    def matches_open_clip(enc: TextEncoder) -> None:
+        reference = enc.clip.encode_text(enc.tokenize(CAPTIONS))  # the oracle, at full context
+        torch.testing.assert_close(enc.encode(CAPTIONS).pooled, reference, rtol=1e-5, atol=1e-6)
+
+    assert encoder("t2i-test-text-layerscale", ls_init_value=0.5).shares_prefixes  # LayerScale: supported
+    eos_elsewhere = encoder("t2i-test-text-eos-2", pool_type="eos")  # open_clip's default eos_id 2 is not CLIP's EOT
+    assert not eos_elsewhere.shares_prefixes
+    matches_open_clip(eos_elsewhere)
+    biased = encoder("t2i-test-text-biased-mask")
+    assert biased.shares_prefixes
+    with torch.no_grad():  # a bias below the diagonal (ALiBi-like): no longer is_causal's mask
+        biased.clip.attn_mask.add_(torch.ones(77, 77).tril(-1) * -0.5)
+    assert not _shares_prefixes(_text_modules(biased.clip, biased.config.model_name), biased.tokenizer.eot_token_id)
 
 
 def test_tower_without_causal_mask_takes_the_padded_path_at_full_length(tmp_path):
