@@ -103,7 +103,7 @@ class EmbedConfig(BaseModel):
     image_batch_size: int = Field(256, ge=1)
     device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1' ...; None: cuda when available, else cpu")
     captions_per_shard: int = Field(
-        65536, ge=1, description="distinct captions per Parquet shard; length sorting and memory are per shard"
+        65536, ge=1, description="distinct captions per Parquet shard; the prefix order (or length sort) and memory are per shard"
     )
     duckdb_memory_limit: str = Field("1GB", description="the distinct-caption pass spills to disk beyond this")
     tokenize_workers: int | None = Field(
