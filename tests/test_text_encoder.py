@@ -504,3 +504,10 @@ def test_cuda_placement_and_bf16_autocast():
     # Built on the CPU, then moved: the same encoder.
     cpu.to("cuda")
     torch.testing.assert_close(cpu.encode(CAPTIONS).tokens, out.tokens)
+    # The prefix trie's pinned, non-blocking index copies against the padded path, on the device.
+    assert gpu.shares_prefixes
+    ids = gpu.tokenize(CAPTIONS)[:, :12]
+    shared, padded = gpu.encode_tokens(ids), gpu.encode_tokens(ids, share_prefixes=False)
+    assert shared.lengths.device.type == "cuda" and torch.equal(shared.mask, padded.mask)
+    torch.testing.assert_close(shared.tokens, padded.tokens, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(shared.pooled, padded.pooled, rtol=1e-3, atol=1e-3)
