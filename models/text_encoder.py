@@ -2,7 +2,9 @@
 
 `TextEncoder(config).encode(captions)` gives per-token hidden states `(B, L, D)`
 of the last or penultimate transformer block after `ln_final` (the penultimate
-choice is Stable Diffusion 2's), a padding mask, and CLIP's pooled embedding.
+choice is Stable Diffusion 2's), a padding mask, and CLIP's pooled embedding. The tower is
+causal, so captions that begin alike share their first tokens' states: a batch runs through
+it once per distinct token prefix (`PrefixTrie`), not once per padded position.
 `encode_images` gives CLIP image embeddings for FD_CLIP / CLIP score.
 
 Weights come from a local file or an open_clip pretrained tag that is already
@@ -323,7 +325,7 @@ class TextEncoder(torch.nn.Module):
         return self.clip.encode_image((x - mean) / std)  # (B, E)
 
 
-# --- model config and tokenizer -------------------------------------------------------------
+# --- the tower once per distinct token prefix ------------------------------------------------
 
 
 class PrefixTrie(NamedTuple):
@@ -459,6 +461,9 @@ def _shares_prefixes(t: _TextModules, eot_token_id: int) -> bool:
         return False
     pooled_at_eot = t.pool_type == "argmax" or (t.pool_type == "eos" and t.eos_id == eot_token_id)
     return pooled_at_eot and all(plain(b) for b in t.transformer.resblocks)
+
+
+# --- model config and tokenizer -------------------------------------------------------------
 
 
 class TokenizerPool:
