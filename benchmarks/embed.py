@@ -8,8 +8,11 @@ caption shards from writer threads. Naive: what a hand-rolled loop runs, one cap
 time through open_clip's own forward at the full context length (the encoder's padded path
 on 77 positions), each result copied to the host (no file); `single_captions_per_s` is this
 project's encoder one caption at a time (only the real tokens), for the share of the
-speedup that batching adds. All use the same random-init encoder (no download) on
-distinct shapes-style captions of varied length, after an untimed warm-up. Prints one JSON
+speedup that batching adds; before the timing, `shared_vs_padded_rel_error` checks the
+prefix path against the padded one on this device and precision (the run fails past 5%).
+All use the same random-init encoder (no download) on
+distinct shapes-style captions of varied length (or the distinct captions of
+`--captions-from`), after an untimed warm-up. Prints one JSON
 line: captions/s of each, `speedup` = batched / naive, bytes written per caption, the
 tokenizer's own captions/s in one process (and `tokenize_speedup` over open_clip's own
 tokenizer, which gives the same ids) and over the pool, and the targets (>= 10x on CPU; >= 25,000 captions/s for
@@ -147,8 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     shard_bytes, max_tokens = 0, 0
     with tempfile.TemporaryDirectory() as tmp, pool:
         write_caption_shard(encoder, warmup, Path(tmp) / "warmup.parquet", batch)  # kernels, allocator, BPE cache
-        with _autocast(device):
-            encoder.encode_tokens(encoder.tokenize(warmup[:1]), share_prefixes=False)  # the naive loop's path too
+        trie_error = shared_vs_padded(encoder, warmup[:64], device)  # also warms the naive loop's path
         for r in range(args.rounds):
             synchronize(device)
             t0 = time.perf_counter()
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         "single_captions_per_s": round(len(naive) / single_s, 2),
         "speedup_over_single": round(batched_rate * single_s / len(naive), 2),
         "shares_prefixes": encoder.shares_prefixes,
+        "shared_vs_padded_rel_error": trie_error,
         "tower_tokens_per_caption": tower_tokens,  # positions the tower's projections and MLPs ran, per caption
         "bytes_per_caption": round(shard_bytes / len(batched), 1),
         "mean_tokens": mean_tokens,  # of the batched captions
@@ -230,6 +233,22 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(out), flush=True)
     return out
+
+
+def shared_vs_padded(encoder: TextEncoder, captions: list[str], device: torch.device) -> float:
+    """The prefix path against the padded one (open_clip's own block calls) on this device and
+    precision: the largest difference of token states or pooled embeddings, relative to their
+    largest magnitude. Fails the run past 5% (bf16 rounding stays near 1%)."""
+    text = encoder.tokenize(captions)
+    with _autocast(device):
+        shared, padded = encoder.encode_tokens(text), encoder.encode_tokens(text, share_prefixes=False)
+    error = max(
+        float((a.float() - b.float()).abs().max() / b.float().abs().max())
+        for a, b in [(shared.tokens, padded.tokens), (shared.pooled, padded.pooled)]
+    )
+    if error > 0.05:
+        raise AssertionError(f"the prefix path differs from the padded path by {error:.3f} of the largest value")
+    return round(error, 6)
 
 
 def token_counts(encoder: TextEncoder, rounds: list[list[str]], shard: int, batch: int) -> tuple[float, float]:
