@@ -39,8 +39,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.text_encoder import PrefixTrie, TextEncoder, TextEncoderConfig, TokenizerPool, prefix_order  # noqa: E402
-from tasks.embed import TOKENIZE_CHUNK, EmbedConfig, _autocast, tokenized_ahead, write_caption_shard  # noqa: E402
+from models.text_encoder import PrefixTrie, TextEncoder, TextEncoderConfig, TokenizerPool  # noqa: E402
+from tasks.embed import (  # noqa: E402
+    TOKENIZE_CHUNK,
+    EmbedConfig,
+    _autocast,
+    _token_lengths,
+    caption_batches,
+    tokenized_ahead,
+    write_caption_shard,
+)
 
 from benchmarks.quality import _at_least  # noqa: E402
 
@@ -259,14 +267,13 @@ def token_counts(encoder: TextEncoder, rounds: list[list[str]], shard: int, batc
     for captions in rounds:
         for start in range(0, len(captions), shard):
             text = encoder.tokenize(captions[start : start + shard])
-            lengths = (text == encoder.tokenizer.eot_token_id).int().argmax(dim=1) + 1
+            lengths = _token_lengths(encoder, text)  # (n,)
             real += int(lengths.sum())
-            if encoder.shares_prefixes:
-                batches = torch.split(prefix_order(text, lengths), batch)
-                run += sum(len(PrefixTrie.build(text[rows], lengths[rows]).first_row) for rows in batches)
-            else:
-                batches = torch.split(torch.argsort(lengths, descending=True), batch)
-                run += sum(len(rows) * int(lengths[rows].max()) for rows in batches)
+            for rows in caption_batches(encoder, text, lengths, batch):
+                if encoder.shares_prefixes:
+                    run += len(PrefixTrie.build(text[rows], lengths[rows]).first_row)
+                else:
+                    run += len(rows) * int(lengths[rows].max())
     n = sum(map(len, rounds))
     return round(real / n, 2), round(run / n, 2)
 

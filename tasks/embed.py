@@ -385,12 +385,7 @@ def write_caption_shard(
     if text is None:
         text = encoder.tokenize(list(captions))  # (n, C), truncated as open_clip does
     lengths = _token_lengths(encoder, text)  # (n,)
-    if encoder.shares_prefixes:
-        order = prefix_order(text, lengths)  # (n,)
-    else:
-        order = torch.argsort(lengths, descending=True, stable=True)  # (n,)
-    batches = list(torch.split(order, batch_size))
-    batches.sort(key=lambda rows: -int(lengths[rows].max()))  # stable: length order stays as it was
+    batches = caption_batches(encoder, text, lengths, batch_size)
     schema = caption_schema(encoder.width, encoder.pooled_dim)
     path.parent.mkdir(parents=True, exist_ok=True)
     with (
@@ -422,6 +417,18 @@ def write_caption_shard(
             pending.popleft().result()
     _fsync_file(path)
     return int(lengths.max())
+
+
+def caption_batches(encoder: TextEncoder, text: torch.Tensor, lengths: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The rows of `text` (n, C) per encoder call, as `write_caption_shard` runs them: in token
+    order when the encoder shares prefixes, by length otherwise; the longest caption's batch first."""
+    if encoder.shares_prefixes:
+        order = prefix_order(text, lengths)  # (n,)
+    else:
+        order = torch.argsort(lengths, descending=True, stable=True)  # (n,)
+    batches = list(torch.split(order, batch_size))
+    batches.sort(key=lambda rows: -int(lengths[rows].max()))  # stable: length order stays as it was
+    return batches
 
 
 def _encode_batch(encoder: TextEncoder, captions: list[str], text: torch.Tensor) -> TextEncoding:

@@ -230,22 +230,25 @@ def test_shared_prefixes_give_the_padded_towers_states(layer):
     assert torch.equal(out.tokens[0, :4], out.tokens[1, :4])
 
 
+def _variant(tmp_path: Path, name: str, **text_cfg) -> TextEncoder:
+    """A random-init encoder of the tiny config with `text_cfg` changed, registered under `name`."""
+    cfg = {**TINY_CFG, "text_cfg": {**TINY_CFG["text_cfg"], **text_cfg}}
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    return TextEncoder(TextEncoderConfig(name, layer="last", allow_random_init=True))
+
+
+def _assert_pooled_matches_open_clip(enc: TextEncoder) -> None:
+    reference = enc.clip.encode_text(enc.tokenize(CAPTIONS))  # the oracle, at full context
+    torch.testing.assert_close(enc.encode(CAPTIONS).pooled, reference, rtol=1e-5, atol=1e-6)
+
+
 def test_towers_the_trie_cannot_compute_take_the_padded_path(tmp_path):
-    def encoder(name: str, **text_cfg) -> TextEncoder:
-        cfg = {**TINY_CFG, "text_cfg": {**TINY_CFG["text_cfg"], **text_cfg}}
-        (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
-        open_clip.add_model_config(tmp_path / f"{name}.json")
-        return TextEncoder(TextEncoderConfig(name, layer="last", allow_random_init=True))
-
-    def matches_open_clip(enc: TextEncoder) -> None:
-        reference = enc.clip.encode_text(enc.tokenize(CAPTIONS))  # the oracle, at full context
-        torch.testing.assert_close(enc.encode(CAPTIONS).pooled, reference, rtol=1e-5, atol=1e-6)
-
-    assert encoder("t2i-test-text-layerscale", ls_init_value=0.5).shares_prefixes  # LayerScale: supported
-    eos_elsewhere = encoder("t2i-test-text-eos-2", pool_type="eos")  # open_clip's default eos_id 2 is not CLIP's EOT
+    assert _variant(tmp_path, "t2i-test-text-layerscale", ls_init_value=0.5).shares_prefixes  # LayerScale: supported
+    eos_elsewhere = _variant(tmp_path, "t2i-test-text-eos-2", pool_type="eos")  # open_clip's default eos_id 2 is not CLIP's EOT
     assert not eos_elsewhere.shares_prefixes
-    matches_open_clip(eos_elsewhere)
-    biased = encoder("t2i-test-text-biased-mask")
+    _assert_pooled_matches_open_clip(eos_elsewhere)
+    biased = _variant(tmp_path, "t2i-test-text-biased-mask")
     assert biased.shares_prefixes
     with torch.no_grad():  # a bias below the diagonal (ALiBi-like): no longer is_causal's mask
         biased.clip.attn_mask.add_(torch.ones(77, 77).tril(-1) * -0.5)
@@ -253,14 +256,9 @@ def test_towers_the_trie_cannot_compute_take_the_padded_path(tmp_path):
 
 
 def test_tower_without_causal_mask_takes_the_padded_path_at_full_length(tmp_path):
-    name = "t2i-test-text-encoder-bidirectional"
-    cfg = {**TINY_CFG, "text_cfg": {**TINY_CFG["text_cfg"], "no_causal_mask": True}}
-    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / f"{name}.json")
-    enc = TextEncoder(TextEncoderConfig(name, layer="last", allow_random_init=True))
+    enc = _variant(tmp_path, "t2i-test-text-encoder-bidirectional", no_causal_mask=True)
     assert not enc.shares_prefixes
-    out = enc.encode(CAPTIONS)
-    torch.testing.assert_close(out.pooled, enc.clip.encode_text(enc.tokenize(CAPTIONS)), rtol=1e-5, atol=1e-6)
+    _assert_pooled_matches_open_clip(enc)
     with pytest.raises(ValueError, match="full context length"):  # pads would change real tokens' states
         enc.encode_tokens(enc.tokenize(CAPTIONS)[:, :12])
 
