@@ -180,9 +180,8 @@ def check_targets(metrics: dict[str, float]) -> dict[str, Any]:
 
 def guidance_sweep(trained, dataset, eval_config, scales: list[float]) -> dict[str, dict[str, float]]:
     """Attribute accuracies of the in-distribution and held-out prompts at each guidance scale."""
-    from models.pipeline import GenerationParams, TextToImage, to_pil
-    from tasks.attributes import score_prompts
-    from tasks.evaluate import _device, _precision, _Sampling, attribute_prompts, shapes_source
+    from models.pipeline import GenerationParams, TextToImage
+    from tasks.evaluate import _device, _precision, _Sampling, attribute_sets, score_attribute_sets, shapes_source
 
     source = shapes_source(dataset)
     if source is None:
@@ -190,20 +189,13 @@ def guidance_sweep(trained, dataset, eval_config, scales: list[float]) -> dict[s
     device = _device(eval_config.device)
     precision = _precision(eval_config.precision, device)
     sampler = _Sampling(TextToImage.load(trained.checkpoint, device), eval_config.batch_size, progress=False)
-    sets = {"attr": attribute_prompts(source, eval_config.n_attribute_prompts), "heldout": list(source.heldout_prompts)}
+    sets = attribute_sets(source, eval_config)
     out: dict[str, dict[str, float]] = {}
     for scale in scales:
         params = GenerationParams(
             steps=eval_config.steps, guidance_scale=scale, sampler=eval_config.sampler, precision=precision
         )
-        row: dict[str, float] = {}
-        for prefix, prompts in sets.items():
-            if not prompts:
-                continue
-            images = sampler.generate([p for p, _ in prompts], list(range(len(prompts))), params)
-            scores = score_prompts([objs for _, objs in prompts], to_pil(images))
-            row.update({f"{prefix}_{k}": round(v, 4) for k, v in scores.items()})
-        out[str(scale)] = row
+        out[str(scale)] = {k: round(v, 4) for k, v in score_attribute_sets(sampler, sets, params).items()}
     return out
 
 

@@ -15,7 +15,8 @@ of a registered version):
   over the training (colour, shape) combinations; `attr_accuracy` = the mean of those four
   (not the all-correct rate, logged as `attr_all_correct`: the mean moves smoothly while a small
   model learns one attribute after another); `heldout_*` the same on the held-out combinations
-  (compositional generalisation); `attr_n`, `heldout_n` the prompt counts.
+  (compositional generalisation), each prompt sampled with `heldout_seeds` seeds; `attr_n`,
+  `heldout_n` the image counts.
 - any data: `fd_clip`, the Fréchet distance between the CLIP image embeddings of generated and
   reference (validation) images, one generated image per reference caption, `fd_clip_n` of each;
   `clip_score`, the mean cosine between a caption's pooled text embedding and its generated
@@ -109,6 +110,9 @@ class EvalConfig(BaseModel):
     primary_metric: PrimaryMetric | None = Field(None, description="None: attr_accuracy on shapes data, else fd_clip")
     threshold: float | None = Field(None, description=f"None: the default of the primary metric {DEFAULT_THRESHOLDS}")
     n_attribute_prompts: int = Field(64, ge=0, description="seeded prompts over the training combinations")
+    heldout_seeds: int = Field(
+        1, ge=1, description="seeds per held-out prompt (prompt i gets seeds i, i + n, ...); the generator writes few prompts"
+    )
     n_fd_samples: int = Field(64, ge=2, description="validation images (and captions) for FD_CLIP and CLIP score")
     steps_table: bool = True
     steps_table_runs: list[tuple[Sampler, int]] = Field(
@@ -325,7 +329,34 @@ def _meta_objects(meta: str | None) -> list[ShapeAttributes] | None:
         return None
 
 
-def attribute_prompts(source: ShapesSource, n: int, seed: int = 0) -> list[tuple[str, tuple[ShapeAttributes, ...]]]:
+AttributePrompts = list[tuple[str, tuple[ShapeAttributes, ...]]]  # (prompt, the objects it asks for)
+
+
+def attribute_sets(source: ShapesSource, config: EvalConfig) -> dict[str, AttributePrompts]:
+    """The prompts the attribute metrics read, by metric prefix: `attr`, `n_attribute_prompts` over
+    the training combinations; `heldout`, the held-out prompts `heldout_seeds` times each. A
+    prompt's seed is its index in its list, so prompt i of n held-out ones gets seeds i, i + n, ..."""
+    return {
+        "attr": attribute_prompts(source, config.n_attribute_prompts),
+        "heldout": list(source.heldout_prompts) * config.heldout_seeds,
+    }
+
+
+def score_attribute_sets(sampler: _Sampling, sets: dict[str, AttributePrompts], params: GenerationParams) -> dict[str, float]:
+    """Sample every set of `attribute_sets` and read the images back: `<prefix>_<score>` for each of
+    `score_prompts`' scores, and `<prefix>_n`, the image count. Empty sets are skipped."""
+    metrics: dict[str, float] = {}
+    for prefix, prompts in sets.items():
+        if not prompts:
+            continue
+        images = sampler.generate([p for p, _ in prompts], list(range(len(prompts))), params)
+        scores = score_prompts([objs for _, objs in prompts], to_pil(images))
+        metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
+        metrics[f"{prefix}_n"] = float(len(prompts))
+    return metrics
+
+
+def attribute_prompts(source: ShapesSource, n: int, seed: int = 0) -> AttributePrompts:
     """`n` single-shape prompts over the training combinations (held-out pairs excluded), seeded."""
     held = set(source.heldout_pairs)
     candidates = [
@@ -495,6 +526,8 @@ def eval_key(train: TrainResult, dataset: DatasetVersion, config: EvalConfig) ->
     """Hash of what the metrics depend on: the model, the dataset version and the sampling config
     (not the gate's metric and threshold, nor the device; but the precision `auto` gives on it)."""
     measured = config.model_dump(mode="json", exclude={"primary_metric", "threshold", "device", "precision"})
+    if measured["heldout_seeds"] == 1:
+        del measured["heldout_seeds"]  # added later: evaluations from before it keep their keys
     measured["precision"] = _precision(config.precision, _device(config.device))
     body = {"format": EVAL_FORMAT, "train": train.model_dump(mode="json"), "dataset": dataset.version, "config": measured}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
@@ -557,16 +590,13 @@ def _measure(
 
     table: list[dict] = []
     if source is not None:
-        in_dist = attribute_prompts(source, config.n_attribute_prompts)
-        attr_sets = [("attr", in_dist), ("heldout", list(source.heldout_prompts))]
-        for prefix, prompts in attr_sets:
-            if not prompts:
-                continue
-            images = sampler.generate([p for p, _ in prompts], list(range(len(prompts))), params)
-            scores = score_prompts([objs for _, objs in prompts], to_pil(images))
-            metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
-            metrics[f"{prefix}_n"] = float(len(prompts))
-        notes["heldout"] = f"held-out pairs {source.heldout_pairs} from {source.heldout_from}"
+        sets = attribute_sets(source, config)
+        metrics.update(score_attribute_sets(sampler, sets, params))
+        in_dist = sets["attr"]
+        notes["heldout"] = (
+            f"held-out pairs {source.heldout_pairs} from {source.heldout_from}: "
+            f"{len(source.heldout_prompts)} prompts x {config.heldout_seeds} seeds"
+        )
         if config.steps_table and in_dist:
             rows = in_dist[: config.steps_table_prompts]
             table = _steps_table(pipe, sampler, [p for p, _ in rows], [o for _, o in rows], config, precision)

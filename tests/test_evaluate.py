@@ -311,6 +311,35 @@ def test_an_oracle_model_scores_perfect_attribute_accuracy(shapes_dataset, check
     assert report.passed  # default threshold 0.5
 
 
+def test_heldout_prompts_are_sampled_with_heldout_seeds_each(shapes_dataset, checkpoint, tmp_path, monkeypatch):
+    real = TextToImage.load(checkpoint)
+    oracle, calls = OraclePipe(real), []
+    draw = oracle.generate
+    oracle.generate = lambda prompts, seeds, params=None, progress=False: calls.append(list(zip(prompts, seeds))) or draw(
+        prompts, seeds, params, progress
+    )
+    monkeypatch.setattr(evaluate.TextToImage, "load", classmethod(lambda cls, d, device="cpu": oracle))
+    base = {**TINY, "steps_table": False, "n_attribute_prompts": 4}
+    held = [p for p, _ in shapes_source(shapes_dataset).heldout_prompts]
+    train = _train_result(tmp_path, checkpoint)
+
+    def heldout_call():  # the (prompt, seed) pairs drawn for held-out prompts, over all batches
+        pairs = [pair for batch in calls for pair in batch if pair[0] in held]
+        calls.clear()
+        return pairs
+
+    one = evaluate_model(train, shapes_dataset, EvalConfig(**base), progress=False, mlflow_experiment=None)
+    assert heldout_call() == list(zip(held, range(len(held))))  # as before the option: seed = prompt index
+    three = evaluate_model(train, shapes_dataset, EvalConfig(**base, heldout_seeds=3), progress=False, mlflow_experiment=None)
+    pairs = heldout_call()
+    assert len(pairs) == len(set(pairs)) == 3 * len(held) and {p for p, _ in pairs} == set(held)
+    assert all(sum(p == prompt for p, _ in pairs) == 3 for prompt in held)
+    assert three.metrics["heldout_n"] == 3 * one.metrics["heldout_n"] and three.metrics["heldout_accuracy"] == 1.0
+    assert "x 3 seeds" in json.loads((Path(three.grid_path).parent / evaluate.METRICS_FILE).read_text())["notes"]["heldout"]
+    # The default stays out of the key, so evaluations from before the option are found again.
+    assert eval_key(train, shapes_dataset, EvalConfig(**base)) != eval_key(train, shapes_dataset, EvalConfig(**base, heldout_seeds=3))
+
+
 def test_evaluate_task_reads_the_champion_from_the_registry(shapes_dataset, checkpoint, tmp_path, monkeypatch):
     import tasks.register
 
