@@ -44,7 +44,6 @@ from tasks.embed import (  # noqa: E402
     TOKENIZE_CHUNK,
     EmbedConfig,
     _autocast,
-    _token_lengths,
     caption_batches,
     tokenized_ahead,
     write_caption_shard,
@@ -267,7 +266,7 @@ def token_counts(encoder: TextEncoder, rounds: list[list[str]], shard: int, batc
     for captions in rounds:
         for start in range(0, len(captions), shard):
             text = encoder.tokenize(captions[start : start + shard])
-            lengths = _token_lengths(encoder, text)  # (n,)
+            lengths = encoder.token_lengths(text)  # (n,)
             real += int(lengths.sum())
             for rows in caption_batches(encoder, text, lengths, batch):
                 if encoder.shares_prefixes:

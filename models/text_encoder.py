@@ -193,6 +193,15 @@ class TextEncoder(torch.nn.Module):
     def encode(self, captions: list[str]) -> TextEncoding:
         return self.encode_tokens(self.tokenize(captions))
 
+    def token_lengths(self, text: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids from `tokenize` -> (B,) real lengths: up to and including the end-of-text
+        token, which every row holds once (the tokenizer puts it back after truncation). Not
+        `text != 0`: 0 is also the id of "!"."""
+        eot = text == self.tokenizer.eot_token_id  # (B, L)
+        if not bool(eot.any(dim=1).all()):
+            raise ValueError("every row needs its end-of-text token: cut no shorter than the longest caption")
+        return eot.int().argmax(dim=1) + 1  # (B,)
+
     @torch.no_grad()
     def encode_tokens(self, text: torch.Tensor, share_prefixes: bool = True) -> TextEncoding:
         """Token ids from `tokenize`, (B, L') with L' <= context_length -> an encoding of length L'.
@@ -213,16 +222,12 @@ class TextEncoder(torch.nn.Module):
         t = self._text()
         if text.ndim != 2 or not 1 <= text.shape[1] <= self.context_length:
             raise ValueError(f"text must be (B, L) token ids with L <= {self.context_length}, got {tuple(text.shape)}")
-        eot = text == self.tokenizer.eot_token_id  # (B, L)
-        if not bool(eot.any(dim=1).all()):
-            raise ValueError("every row needs its end-of-text token: cut no shorter than the longest caption")
+        lengths = self.token_lengths(text).cpu()  # (B,)
         if text.shape[1] < self.context_length and (t.pool_type not in ("argmax", "eos", "first") or t.attn_mask is None):
             raise ValueError(
                 f"this text tower (pool_type {t.pool_type!r}, causal mask: {t.attn_mask is not None}) reads "
                 "positions past a caption's end; encode at the full context length"
             )
-        # Every row holds exactly one EOT token (the tokenizer puts it back after truncation).
-        lengths = eot.int().argmax(dim=1).cpu() + 1  # (B,)
         mask = torch.arange(text.shape[1])[None, :] < lengths[:, None]  # (B, L')
         # All host work before the first copy to the device: a copy from pageable memory waits
         # for the device to finish the work queued before it (the previous batch).

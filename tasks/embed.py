@@ -384,7 +384,7 @@ def write_caption_shard(
     """
     if text is None:
         text = encoder.tokenize(list(captions))  # (n, C), truncated as open_clip does
-    lengths = _token_lengths(encoder, text)  # (n,)
+    lengths = encoder.token_lengths(text)  # (n,)
     batches = caption_batches(encoder, text, lengths, batch_size)
     schema = caption_schema(encoder.width, encoder.pooled_dim)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -437,12 +437,6 @@ def _encode_batch(encoder: TextEncoder, captions: list[str], text: torch.Tensor)
     # `captions` are the same rows, for the record.
     with _autocast(encoder.device):
         return encoder.encode_tokens(text)
-
-
-def _token_lengths(encoder: TextEncoder, text: torch.Tensor) -> torch.Tensor:
-    # Real length = up to and including the end-of-text token (as TextEncoder.encode counts);
-    # not `text != 0`, since 0 is also the id of "!".
-    return (text == encoder.tokenizer.eot_token_id).int().argmax(dim=1) + 1  # (n,)
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:

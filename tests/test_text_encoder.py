@@ -130,6 +130,18 @@ def test_encode_shapes_mask_and_lengths():
     assert torch.isfinite(out.tokens).all() and torch.isfinite(out.pooled).all()
 
 
+def test_token_lengths_count_up_to_the_end_of_text_token():
+    enc = _random()
+    ids = open_clip.tokenize(["two blue squares!", "", "a red circle " * 30])  # the oracle: open_clip's ids
+    ids[0, 2] = 0  # id 0 (a byte-level "!") is also the padding id: a real token all the same
+    eot = open_clip.get_tokenizer(TINY).eot_token_id
+    expected = [row.index(eot) + 1 for row in ids.tolist()]  # EOT located by a Python scan
+    assert enc.token_lengths(ids).tolist() == expected
+    assert expected[1:] == [2, 77] and expected[0] == (ids[0] != 0).sum() + 1
+    with pytest.raises(ValueError, match="end-of-text token"):
+        enc.token_lengths(ids[:, :20])  # the long caption's EOT cut off
+
+
 def test_last_layer_matches_open_clip_encode_text():
     enc = _random(seed=1, layer="last")
     out = enc.encode(CAPTIONS)
