@@ -36,9 +36,6 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from PIL import Image
-from prefect import task
-from prefect.runtime import flow_run
-from prefect.tasks import exponential_backoff
 
 import models
 from models import mlflow_model
@@ -46,6 +43,7 @@ from models.pipeline import CONFIG_FILE, UNET_FILE, TextToImage
 from tasks import storage
 from tasks.contracts import EvalReport, RegisteredModel, TrainResult
 from tasks.evaluate import is_better_or_equal
+from tasks.prefect_compat import exponential_backoff, task
 from tasks.register_config import RegisterConfig
 from tasks.settings import get_settings
 from tasks.tracking import ensure_experiment, mlflow_uris, set_alias
@@ -316,6 +314,10 @@ def _git_commit() -> str:
 
 
 def _prefect_flow_run_id() -> str:
+    try:
+        from prefect.runtime import flow_run
+    except ImportError:  # registering from a process without Prefect (tasks.prefect_compat)
+        return "none"
     return str(flow_run.id) if flow_run.id else "none"
 
 

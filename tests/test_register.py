@@ -157,3 +157,20 @@ def test_registering_leaves_mlflows_global_uris_as_they_were(tiny_clip, tmp_path
     register_model(trained, report(0.9), RegisterConfig(model_name="t2i-uris"))
     assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ  # not inherited by children
+
+
+def test_register_and_pull_need_no_prefect():
+    # A serving process pulls registered models through this module; Prefect is only the flow's.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "sys.modules['prefect'] = None  # importing it now raises ImportError\n"
+        "import tasks.register as r\n"
+        "assert r._prefect_flow_run_id() == 'none' and callable(r.register_task) and callable(r.sample_images)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
