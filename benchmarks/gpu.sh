@@ -7,6 +7,9 @@
 #   QUALITY_TRAIN_SECONDS=600 bash benchmarks/gpu.sh quality   # a longer training budget
 #   QUALITY_SET="train.loss_weight_floor=0 shapes.n_images=10000" bash benchmarks/gpu.sh quality   # preset overrides
 #
+# One device call runs at most 600 s: with the default limits (embed 120 s, quality 540 s) run
+# `embed` and `quality` as two calls.
+#
 # A machine without prefect, mlflow, duckdb, open_clip or diffusers can take them as wheels
 # in .whl/ (installed into /tmp/site). Each benchmark has its own time limit, so one that
 # hangs still leaves the others' figures.
