@@ -225,6 +225,18 @@ def console_script(name: str) -> str:
     return found
 
 
+def python_without(modules: tuple[str, ...], code: str) -> None:
+    """Run `code` in a fresh Python at the repository root where importing any of `modules`
+    raises ImportError (as on a machine without them); fail the test with its stderr if it fails."""
+    import sys
+    from pathlib import Path
+
+    block = f"import sys\nfor name in {tuple(modules)!r}:\n    sys.modules[name] = None\n"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", block + code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.fixture
 def one_cpu_thread():
     """One intra-op thread for the test: with tiny tensors on a shared 2-core box a second thread

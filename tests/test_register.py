@@ -6,6 +6,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # mlflow reads DO_NOT
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import python_without  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from models.pipeline import TextToImage  # noqa: E402
@@ -161,16 +162,8 @@ def test_registering_leaves_mlflows_global_uris_as_they_were(tiny_clip, tmp_path
 
 def test_register_and_pull_need_no_prefect():
     # A serving process pulls registered models through this module; Prefect is only the flow's.
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    code = (
-        "import sys\n"
-        "sys.modules['prefect'] = None  # importing it now raises ImportError\n"
+    python_without(
+        ("prefect",),
         "import tasks.register as r\n"
-        "assert r._prefect_flow_run_id() == 'none' and callable(r.register_task) and callable(r.sample_images)\n"
+        "assert r._prefect_flow_run_id() == 'none' and callable(r.register_task) and callable(r.sample_images)\n",
     )
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
