@@ -19,7 +19,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	@df -h . | awk 'NR==2 {print "disk free for .venv: " $$4 " (the install takes about 7 GB: torch with its CUDA libraries)"}'
+	$(PY) -m pip install -q --no-cache-dir -e '.[dev]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
