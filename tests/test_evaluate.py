@@ -340,6 +340,46 @@ def test_heldout_prompts_are_sampled_with_heldout_seeds_each(shapes_dataset, che
     assert eval_key(train, shapes_dataset, EvalConfig(**base)) != eval_key(train, shapes_dataset, EvalConfig(**base, heldout_seeds=3))
 
 
+class ClockedPipe:
+    """Takes `per_step` seconds of a fake clock per image and sampling step, plus `first_call`
+    once per batch size (what a GPU's first call pays: algorithm search, kernel loading)."""
+
+    def __init__(self, per_step: float = 0.001, first_call: float = 5.0):
+        self.now, self.per_step, self.first_call, self.seen = 0.0, per_step, first_call, set()
+        self.calls: list[tuple[int, GenerationParams]] = []
+
+    def generate(self, prompts, seeds, params=None, progress=False):
+        self.calls.append((len(prompts), params))
+        self.now += self.per_step * params.steps * len(prompts) + (0.0 if len(prompts) in self.seen else self.first_call)
+        self.seen.add(len(prompts))
+        return torch.stack([torch.rand((3, RES, RES), generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in seeds])
+
+
+def test_steps_table_times_each_row_on_its_own_warm_run(monkeypatch):
+    pipe = ClockedPipe()
+    monkeypatch.setattr(evaluate, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: pipe.now)}))
+    sampler = evaluate._Sampling(pipe, batch_size=4, progress=False)
+    prompts = [f"a large red circle in the {p}" for p in ("centre", "top left", "top right", "bottom left", "bottom right")]
+    objects = [parse_caption(p).objects for p in prompts]
+    config = EvalConfig(**{**TINY, "steps_table_runs": [("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("dpmpp_2m", 20)]})
+    # Earlier in an evaluation: the configured sampler on other batches (here a grid of 3 images)
+    # and on the table's own prompts, whose deterministic images are then cached.
+    ddim_50 = GenerationParams(steps=50, guidance_scale=config.guidance_scale, sampler="ddim")
+    sampler.generate(["a small blue square in the top left"] * 3, [0, 1, 2], ddim_50)
+    sampler.generate(prompts, list(range(len(prompts))), ddim_50)
+    table = evaluate._steps_table(pipe, sampler, prompts, objects, config, "fp32")
+    rates = {f"{row['sampler']}-{row['steps']}": row["metrics"] for row in table}
+    for name, steps in config.steps_table_runs:
+        tag = f"{evaluate.SAMPLER_SHORT[name]}_{steps}"
+        # Each row drew its 5 images anew (batches of 4 and 1, both already warm): 1 / (per_step * steps).
+        assert rates[f"{name}-{steps}"][f"images_per_s_{tag}"] == pytest.approx(1 / (pipe.per_step * steps))
+    assert rates["ddim-50"]["images_per_s_ddim_50"] / rates["ddpm-1000"]["images_per_s_ddpm_1000"] == pytest.approx(20)
+    # Warm-ups: one untimed DDIM step per new batch size (3, 4, 1), on empty prompts.
+    warm = [(n, p.steps, p.sampler) for n, p in pipe.calls if p.steps == 1]
+    assert warm == [(3, 1, "ddim"), (4, 1, "ddim"), (1, 1, "ddim")]
+    assert sampler.images_per_s(ddim_50) == pytest.approx(1 / (pipe.per_step * 50))  # no first call's cost in it
+
+
 def test_evaluate_task_reads_the_champion_from_the_registry(shapes_dataset, checkpoint, tmp_path, monkeypatch):
     import tasks.register
 
