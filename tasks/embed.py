@@ -386,6 +386,7 @@ def write_caption_shard(
         text = encoder.tokenize(list(captions))  # (n, C), truncated as open_clip does
     lengths = encoder.token_lengths(text)  # (n,)
     batches = caption_batches(encoder, text, lengths, batch_size)
+    ids, n_tokens = text.numpy(), lengths.numpy()  # host slicing in numpy (see models.text_encoder._host_ids)
     schema = caption_schema(encoder.width, encoder.pooled_dim)
     path.parent.mkdir(parents=True, exist_ok=True)
     with (
@@ -407,8 +408,9 @@ def write_caption_shard(
                 on_batch(count)
 
         for rows in batches:
+            rows = rows.numpy()
             batch = [captions[i] for i in rows.tolist()]
-            encoding = _encode_batch(encoder, batch, text[rows, : int(lengths[rows].max())])
+            encoding = _encode_batch(encoder, batch, torch.from_numpy(ids[rows, : n_tokens[rows].max()]))
             record_batch = arrow_thread.submit(_caption_record_batch, batch, encoding, schema)
             pending.append(write_thread.submit(write, record_batch, len(batch)))
             while len(pending) > 3 or (pending and pending[0].done()):  # bounded memory: at most 4 encoded batches held
@@ -422,13 +424,14 @@ def write_caption_shard(
 def caption_batches(encoder: TextEncoder, text: torch.Tensor, lengths: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """The rows of `text` (n, C) per encoder call, as `write_caption_shard` runs them: in token
     order when the encoder shares prefixes, by length otherwise; the longest caption's batch first."""
+    n_tokens = lengths.numpy()
     if encoder.shares_prefixes:
-        order = prefix_order(text, lengths)  # (n,)
+        order = prefix_order(text, lengths).numpy()  # (n,)
     else:
-        order = torch.argsort(lengths, descending=True, stable=True)  # (n,)
-    batches = list(torch.split(order, batch_size))
-    batches.sort(key=lambda rows: -int(lengths[rows].max()))  # stable: length order stays as it was
-    return batches
+        order = np.argsort(-n_tokens, kind="stable")  # (n,) longest first
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches.sort(key=lambda rows: -int(n_tokens[rows].max()))  # stable: length order stays as it was
+    return [torch.from_numpy(rows) for rows in batches]
 
 
 def _encode_batch(encoder: TextEncoder, captions: list[str], text: torch.Tensor) -> TextEncoding:

@@ -27,6 +27,8 @@ from models.text_encoder import (
     TokenizerPool,
     _shares_prefixes,
     _text_modules,
+    _TriePlan,
+    prefix_order,
 )
 
 TINY = "t2i-test-text-encoder-tiny"  # own name: conftest registers another tiny config
@@ -217,6 +219,26 @@ def test_prefix_trie_nodes_are_the_distinct_prefixes():
     # Ids past a row's length never count: equal real tokens share, whatever follows them.
     assert len(PrefixTrie.build(torch.tensor([[1, 2, 3], [1, 2, 3]]), torch.tensor([2, 3])).first_row) == 3
     assert len(PrefixTrie.build(torch.tensor([[1, 2, 7], [1, 2, 0]]), torch.tensor([2, 2])).first_row) == 2
+
+
+def test_host_side_index_work_runs_no_torch_compute_op():
+    # Lengths, order and trie run in numpy: a torch CPU op starts a parallel region on the
+    # intra-op threads, and with the cores busy (writer threads, tokenizer workers, another
+    # process's training) an op of microseconds then waits milliseconds.
+    from torch.profiler import profile
+
+    enc = _random()
+    text = enc.tokenize(["a red circle", "a red square in the top left", "a red circle", "blue"])
+    with profile() as prof:
+        lengths = enc.token_lengths(text)
+        order = prefix_order(text, lengths)
+        PrefixTrie.build(text, lengths)
+        _TriePlan.from_ids(text.numpy(), lengths.numpy())
+    ran = {e.key for e in prof.key_averages() if e.key.startswith("aten::")}
+    assert ran <= {"aten::to", "aten::detach", "aten::lift_fresh", "aten::resolve_conj", "aten::resolve_neg"}, ran
+    rows = [tuple(text[r, : lengths[r]].tolist()) for r in range(len(text))]
+    assert [len(r) for r in rows] == [5, 9, 5, 3] and all(r[-1] == enc.tokenizer.eot_token_id for r in rows)
+    assert order.tolist() == sorted(range(len(rows)), key=rows.__getitem__)
 
 
 @pytest.mark.parametrize("layer", ["penultimate", "last"])
