@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The GPU figures in one call, on one CUDA device: the embed and train benchmarks and the
-# gpu-32px quality run (benchmarks/quality.py).
+# The GPU figures in one call, on one CUDA device: the embed, train and sample benchmarks and
+# the gpu-32px quality run (benchmarks/quality.py).
 #
 #   bash benchmarks/gpu.sh                  # all three; results as JSON lines in $OUT (default ./gpu-results)
-#   bash benchmarks/gpu.sh embed quality    # only these (names: embed, train64, quality)
-#   QUALITY_TRAIN_SECONDS=600 bash benchmarks/gpu.sh quality   # a longer training budget
+#   bash benchmarks/gpu.sh embed sample     # only these (names: embed, train64, sample, quality)
+#   QUALITY_TRAIN_SECONDS=600 QUALITY_LIMIT=1000 bash benchmarks/gpu.sh quality   # a longer training budget (off the device tool)
 #   QUALITY_SET="train.loss_weight_floor=0 shapes.n_images=10000" bash benchmarks/gpu.sh quality   # preset overrides
 #
-# One device call runs at most 600 s: with the default limits (embed 120 s, quality 540 s) run
-# `embed` and `quality` as two calls.
+# One device call runs at most 600 s: with the default limits (embed 120 s, sample 180 s,
+# quality 540 s) run `embed sample` and `quality` as two calls. On an H100 (eighth session) the
+# quality run took 545 s with QUALITY_TRAIN_SECONDS=200: its compile probe alone took 155 s.
 #
 # A machine without prefect, mlflow, duckdb, open_clip or diffusers can take them as wheels
 # in .whl/ (installed into /tmp/site). Each benchmark has its own time limit, so one that
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/.."
 wanted() { local name=$1; shift; [[ $# -eq 0 ]] || [[ " $* " == *" $name "* ]]; }  # wanted NAME SELECTED...: none selected = all
 selected=("$@")
 for name in "${selected[@]}"; do
-    case $name in embed | train64 | quality) ;; *) echo "unknown benchmark '$name': choose from embed, train64, quality" >&2; exit 2 ;; esac
+    case $name in embed | train64 | sample | quality) ;; *) echo "unknown benchmark '$name': choose from embed, train64, sample, quality" >&2; exit 2 ;; esac
 done
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -46,6 +47,11 @@ if wanted train64 "${selected[@]}"; then
     run train64 "${TRAIN_LIMIT:-360}" python3 benchmarks/train.py --device cuda --resolution 64 \
         --channels 128,256,384,512 --attention 0,1,1,1 --batch 128 --precision bf16 --modes eager,compiled --steps 20
 fi
+if wanted sample "${selected[@]}"; then
+    # The steps table's sampler speeds on gpu-32px's UNet (random init: speed needs no training).
+    run sample "${SAMPLE_LIMIT:-180}" python3 benchmarks/sample.py --preset gpu-32px \
+        --set embed.encoder.allow_random_init=true --no-progress
+fi
 if wanted quality "${selected[@]}"; then
     # No CLIP weights can reach the box: the seeded random text tower, as the CPU demo uses.
     rm -rf /tmp/t2i-quality  # a finished run there would be returned as it is, with no training timed
@@ -53,7 +59,7 @@ if wanted quality "${selected[@]}"; then
     read -ra pairs <<<"${QUALITY_SET:-}"  # split on spaces only, no globbing
     for kv in "${pairs[@]}"; do overrides+=(--set "$kv"); done
     run quality "${QUALITY_LIMIT:-540}" python3 benchmarks/quality.py --preset gpu-32px "${overrides[@]}" \
-        --train-seconds "${QUALITY_TRAIN_SECONDS:-240}" --set embed.encoder.allow_random_init=true \
+        --train-seconds "${QUALITY_TRAIN_SECONDS:-200}" --set embed.encoder.allow_random_init=true \
         --guidance "${QUALITY_GUIDANCE:-2,5}" --no-progress --data-root /tmp/t2i-quality --artifacts "$OUT/quality"
     # One file back: the grid, report, steps table and the training log (also of a run cut short).
     find /tmp/t2i-quality/runs -name metrics.jsonl -exec sh -c 'cp "$1" "$2/$(basename "$(dirname "$1")")-metrics.jsonl"' _ {} "$OUT" \; 2>/dev/null

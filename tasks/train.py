@@ -303,25 +303,32 @@ def _progress_artifact(key: str = "train-progress") -> Callable[[int, int], None
 
 
 def resolve_unet_config(config: TrainConfig, embeddings: EmbeddingSet) -> UNetConfig:
-    """The UNet to build: the config's fields, context_dim defaulting to the embeddings' token width and,
-    with `pooled_conditioning`, pooled_dim to their pooled width (read from the set's manifest)."""
-    defaults: dict[str, Any] = {"context_dim": embeddings.width}
+    """The UNet to build on `embeddings`: see `unet_config_for` (pooled width read from the set's manifest)."""
+    pooled_dim = embedding_pooled_dim(embeddings) if config.pooled_conditioning else None
+    return unet_config_for(config, embeddings.width, pooled_dim, f"the embedding set {embeddings.encoder_id}")
+
+
+def unet_config_for(config: TrainConfig, width: int, pooled_dim: int | None, source: str) -> UNetConfig:
+    """The UNet to build for text embeddings of token width `width` and pooled width `pooled_dim`
+    (from `source`, named in errors): the config's fields, context_dim defaulting to `width` and,
+    with `pooled_conditioning`, pooled_dim to `pooled_dim`."""
+    defaults: dict[str, Any] = {"context_dim": width}
     if config.pooled_conditioning:
-        defaults["pooled_dim"] = embedding_pooled_dim(embeddings)
+        defaults["pooled_dim"] = pooled_dim
     elif config.unet.get("pooled_dim") is not None:
         raise TrainingError(
             f"train.unet.pooled_dim is {config.unet['pooled_dim']} but train.pooled_conditioning is false; "
             "remove pooled_dim and set pooled_conditioning: true to condition on the pooled embedding"
         )
     unet_config = UNetConfig.from_dict({**defaults, **config.unet})
-    if unet_config.context_dim != embeddings.width:
+    if unet_config.context_dim != width:
         raise TrainingError(
-            f"train.unet.context_dim is {unet_config.context_dim} but the embedding set {embeddings.encoder_id} has "
-            f"token width {embeddings.width}; remove context_dim from the preset (it defaults to the encoder's width)"
+            f"train.unet.context_dim is {unet_config.context_dim} but {source} has "
+            f"token width {width}; remove context_dim from the preset (it defaults to the encoder's width)"
         )
     if config.pooled_conditioning and unet_config.pooled_dim != defaults["pooled_dim"]:
         raise TrainingError(
-            f"train.unet.pooled_dim is {unet_config.pooled_dim} but the embedding set {embeddings.encoder_id} has "
+            f"train.unet.pooled_dim is {unet_config.pooled_dim} but {source} has "
             f"pooled width {defaults['pooled_dim']}; remove pooled_dim from the preset (it defaults to the encoder's)"
         )
     return unet_config

@@ -1,6 +1,6 @@
 """benchmarks/quality.py: the budget fit and the target check (the run itself is the tiny pipeline
 that test_pipeline.py already covers), that every stage module it imports loads without
-Prefect and MLflow, as on the GPU box, and a tiny run of benchmarks/embed.py."""
+Prefect and MLflow, as on the GPU box, and tiny runs of benchmarks/embed.py and sample.py."""
 
 import json
 
@@ -39,7 +39,7 @@ def test_check_targets_marks_each_target():
 def test_stage_modules_and_presets_load_without_prefect_or_mlflow():
     python_without(
         ("prefect", "mlflow", "dask", "distributed", "boto3"),
-        "import benchmarks.quality, benchmarks.train, benchmarks.embed\n"
+        "import benchmarks.quality, benchmarks.train, benchmarks.embed, benchmarks.sample\n"
         "import tasks.shapes, tasks.ingest, tasks.embed, tasks.train, tasks.evaluate\n"
         "from tasks.presets import load_preset\n"
         "load_preset('gpu-32px')\n",
@@ -65,3 +65,16 @@ def test_embed_benchmark_runs_on_given_captions(tiny_clip, tmp_path, capsys):
     assert out["tower_tokens_per_caption"] < out["mean_tokens"] == 8.0
     with pytest.raises(SystemExit, match="distinct captions"):
         embed_benchmark([*args, "--batch", "12", "--captions-from", str(tmp_path)])
+
+
+def test_sample_benchmark_times_each_steps_table_row(tiny_clip, capsys):
+    from benchmarks.sample import main as sample_benchmark
+
+    sets = [f"embed.encoder.model_name={tiny_clip}", "train.unet.channels=[8,16]", "train.unet.attention_levels=[false,true]",
+            "train.unet.norm_groups=4", "train.unet.head_dim=8", "evaluate.batch_size=2", "evaluate.steps_table_runs=[[ddpm,100],[ddim,10],[dpmpp_2m,4]]"]
+    out = sample_benchmark(["--preset", "cpu-demo", "--prompts", "3", "--no-progress", *[a for s in sets for a in ("--set", s)]])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    assert [r["tag"] for r in out["rows"]] == ["ddpm_100", "ddim_10", "dpmpp_4"]
+    assert out["resolution"] == 16 and out["prompts"] == 3 and out["precision"] == "fp32"  # cpu-demo's ingest size, CPU
+    assert all(r["images_per_s"] > 0 for r in out["rows"]) and out["rows"][0]["speedup_over_first"] == 1.0
+    assert "target" not in out  # the DDIM-50 vs DDPM-1000 target only where both rows ran
