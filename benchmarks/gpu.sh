@@ -2,7 +2,7 @@
 # The GPU figures in one call, on one CUDA device: the embed, train and sample benchmarks and
 # the gpu-32px quality run (benchmarks/quality.py).
 #
-#   bash benchmarks/gpu.sh                  # all three; results as JSON lines in $OUT (default ./gpu-results)
+#   bash benchmarks/gpu.sh                  # all four; results as JSON lines in $OUT (default ./gpu-results)
 #   bash benchmarks/gpu.sh embed sample     # only these (names: embed, train64, sample, quality)
 #   QUALITY_TRAIN_SECONDS=600 QUALITY_LIMIT=1000 bash benchmarks/gpu.sh quality   # a longer training budget (off the device tool)
 #   QUALITY_SET="train.loss_weight_floor=0 shapes.n_images=10000" bash benchmarks/gpu.sh quality   # preset overrides
