@@ -270,15 +270,13 @@ class TextEncoder(torch.nn.Module):
         cast_dtype = t.transformer.get_cast_dtype()
         x = t.token_embedding(plan.node_token).to(cast_dtype)  # (N, D)
         x = x + t.positional_embedding[plan.node_col].to(cast_dtype)
-        every_node = (plan.node_row, plan.node_col)  # (N,), (N,)
         blocks = t.transformer.resblocks
         penultimate = self.config.layer == "penultimate"
         for block in blocks[:-1] if penultimate else blocks:
-            x = _block_over_prefixes(block, x, plan.node_of, every_node)  # (N, D)
+            x = _block_over_prefixes(block, x, plan)  # (N, D)
         states = t.ln_final(x)  # (N, D) the kept layer's token states
         if penultimate:  # the last block's output projection and MLP only where they are read: the EOT tokens
-            at_eot = (plan.node_row[plan.eot_node], plan.node_col[plan.eot_node])  # (U,), (U,)
-            final = t.ln_final(_block_over_prefixes(blocks[-1], x, plan.node_of, at_eot))  # (U, D)
+            final = t.ln_final(_block_over_prefixes(blocks[-1], x, plan, plan.eot_node))  # (U, D)
         else:
             final = states[plan.eot_node]  # (U, D)
         tokens = states[plan.node_of[plan.unsort]]  # (B, longest, D)
@@ -440,21 +438,22 @@ def _lexicographic(keyed: np.ndarray) -> np.ndarray:
 
 
 def _block_over_prefixes(
-    block: torch.nn.Module, x: torch.Tensor, node_of: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor]
+    block: torch.nn.Module, x: torch.Tensor, plan: _TriePlan, nodes: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """One open_clip `ResidualAttentionBlock` over prefix-trie nodes: x (N, D) node states,
-    node_of (B, L) the node at each position of B captions, `out` (rows, positions) of M
-    positions wanted -> their states after the block (M, D).
+    """One open_clip `ResidualAttentionBlock` over prefix-trie nodes: x (N, D) node states ->
+    the states after the block of `nodes` (M,), by default every node in order (M = N): (M, D).
 
     The projections and the MLP run on the nodes; causal attention runs per caption, its
-    queries, keys and values gathered from the nodes along the caption."""
+    queries, keys and values gathered from the nodes along the caption (`plan.node_of`), its
+    output read where each wanted node first appears (`plan.node_row`, `plan.node_col`)."""
     attn = block.attn
-    B, L = node_of.shape
+    B, L = plan.node_of.shape
     D, heads = x.shape[1], attn.num_heads
-    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)[node_of]  # (B, L, 3D)
+    at = (plan.node_row, plan.node_col) if nodes is None else (plan.node_row[nodes], plan.node_col[nodes])  # (M,) each
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)[plan.node_of]  # (B, L, 3D)
     q, k, v = qkv.view(B, L, 3, heads, D // heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, D/H)
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)[out]  # (M, H, D/H)
-    h = x[node_of[out]] + block.ls_1(attn.out_proj(o.reshape(-1, D)))  # (M, D)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)[at]  # (M, H, D/H)
+    h = (x if nodes is None else x[nodes]) + block.ls_1(attn.out_proj(o.reshape(-1, D)))  # (M, D)
     return h + block.ls_2(block.mlp(block.ln_2(h)))
 
 
