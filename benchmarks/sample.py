@@ -1,9 +1,9 @@
 """Sampling speed of a preset's model: images/s of each sampler of the evaluate stage's steps table.
 
-The rows run one after another in this process on the same prompts, seeds, batch size, guidance
-and precision as the evaluate stage's steps table (`evaluate.steps_table_runs`, its first
-`--prompts` prompts), each timed on its own run after an untimed warm-up of each batch size, as
-the stage times them. Speed does not depend on the weights, so the UNet is the preset's
+The rows (`evaluate.steps_table_runs`) run one after another in this process on the same
+prompts and seeds (`--prompts` of them, the preset's grid prompts in turn), with the batch size,
+guidance and precision of the evaluate stage's steps table, each timed on its own run after an
+untimed warm-up of each batch size, as the stage times them. Speed does not depend on the weights, so the UNet is the preset's
 architecture at random init and the text encoder the preset's (a random-init one needs
 `--set embed.encoder.allow_random_init=true`): no data, no training. Prints one JSON line: each
 row's images/s and its speedup over the first row (DDPM-1000 in the presets), and the
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from models.pipeline import GenerationParams, TextToImage
+    from models.pipeline import GenerationParams, TextToImage, fast_cuda_backends
     from models.schedule import NoiseSchedule, ScheduleConfig
     from models.unet import UNet
     from tasks.embed import build_encoder
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config, train = preset.evaluate, preset.train
     device = _device(config.device)
     precision = _precision(config.precision, device)
+    if device.startswith("cuda"):
+        fast_cuda_backends()  # as the evaluate stage samples
     encoder = build_encoder(preset.embed, device)
     torch.manual_seed(args.seed)
     unet = UNet(unet_config_for(train, encoder.width, encoder.pooled_dim, f"the text encoder {encoder.identity_id}"))
@@ -66,15 +68,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n = args.prompts or config.steps_table_prompts
     prompts = [config.prompts[i % len(config.prompts)] for i in range(n)]
     sampling = _Sampling(pipe, config.batch_size, progress=not args.no_progress)
-    rows = []
+    measured: list[tuple[str, int, str, float]] = []  # (sampler, steps, tag, images/s unrounded)
     begin = time.perf_counter()
     for name, steps in config.steps_table_runs:
         params = GenerationParams(steps=steps, guidance_scale=config.guidance_scale, sampler=name, precision=precision)
-        _, images_per_s = sampling.timed(prompts, list(range(n)), params)
-        rows.append({"sampler": name, "steps": steps, "tag": f"{SAMPLER_SHORT[name]}_{steps}", "images_per_s": round(images_per_s, 3)})
-        print(f"# {rows[-1]['tag']}: {images_per_s:.2f} images/s", file=sys.stderr, flush=True)
-    for row in rows:
-        row["speedup_over_first"] = round(row["images_per_s"] / rows[0]["images_per_s"], 2)
+        _, rate = sampling.timed(prompts, list(range(n)), params)
+        measured.append((name, steps, f"{SAMPLER_SHORT[name]}_{steps}", rate))
+        print(f"# {measured[-1][2]}: {rate:.2f} images/s", file=sys.stderr, flush=True)
+    first = measured[0][3]
+    rows = [
+        {"sampler": name, "steps": steps, "tag": tag, "images_per_s": round(rate, 4), "speedup_over_first": round(rate / first, 2)}
+        for name, steps, tag, rate in measured
+    ]
+    rates = {tag: rate for _, _, tag, rate in measured}
 
     result: dict[str, Any] = {
         "benchmark": "sample",
@@ -91,9 +97,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "seconds": round(time.perf_counter() - begin, 1),
     }
-    by_tag = {row["tag"]: row["images_per_s"] for row in rows}
-    if "ddim_50" in by_tag and "ddpm_1000" in by_tag:
-        speedup = by_tag["ddim_50"] / by_tag["ddpm_1000"]
+    if "ddim_50" in rates and "ddpm_1000" in rates:
+        speedup = rates["ddim_50"] / rates["ddpm_1000"]
         result["target"] = {
             "ddim50_vs_ddpm1000": {"target": f">= {DDIM_MIN_SPEEDUP}x", "speedup": round(speedup, 1), "met": speedup >= DDIM_MIN_SPEEDUP}
         }

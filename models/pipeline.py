@@ -219,6 +219,15 @@ class TextToImage:
         return cls(unet.to(device), schedule, text_encoder, config["resolution"], extra=config.get("extra"))
 
 
+def fast_cuda_backends() -> None:
+    """TF32 for float32 matmuls and convolutions, and cuDNN's algorithm search per input shape:
+    what training runs with, so sampling (and its speed) is the same in a process that trained
+    first and in one that only samples."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
 def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     """sha256 over the names and bytes of every tensor, in key order (16 hex chars)."""
     h = hashlib.sha256()

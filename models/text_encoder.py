@@ -197,7 +197,7 @@ class TextEncoder(torch.nn.Module):
         """(B, L) token ids from `tokenize` -> (B,) real lengths on the host: up to and including
         the end-of-text token, which every row holds once (the tokenizer puts it back after
         truncation). Not `text != 0`: 0 is also the id of "!"."""
-        return torch.from_numpy(_token_lengths(_host_ids(text), self.tokenizer.eot_token_id))
+        return torch.from_numpy(_token_lengths(host_ids(text), self.tokenizer.eot_token_id))
 
     @torch.no_grad()
     def encode_tokens(self, text: torch.Tensor, share_prefixes: bool = True) -> TextEncoding:
@@ -219,7 +219,7 @@ class TextEncoder(torch.nn.Module):
         t = self._text()
         if text.ndim != 2 or not 1 <= text.shape[1] <= self.context_length:
             raise ValueError(f"text must be (B, L) token ids with L <= {self.context_length}, got {tuple(text.shape)}")
-        ids = _host_ids(text)  # (B, L') the host work below in numpy, none of it on torch's intra-op threads
+        ids = host_ids(text)  # (B, L') the host work below in numpy, none of it on torch's intra-op threads
         lengths = _token_lengths(ids, self.tokenizer.eot_token_id)  # (B,)
         if text.shape[1] < self.context_length and (t.pool_type not in ("argmax", "eos", "first") or t.attn_mask is None):
             raise ValueError(
@@ -341,7 +341,7 @@ class PrefixTrie(NamedTuple):
     @classmethod
     def build(cls, text: torch.Tensor, lengths: torch.Tensor) -> PrefixTrie:
         """`text` (B, L) ids, `lengths` (B,) real tokens per row (through the EOT token)."""
-        return cls(*(torch.from_numpy(a) for a in _prefix_trie(_host_ids(text), _host_ids(lengths))))
+        return cls(*(torch.from_numpy(a) for a in _prefix_trie(host_ids(text), host_ids(lengths))))
 
 
 class _TriePlan(NamedTuple):
@@ -381,7 +381,7 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def prefix_order(text: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """(B,) the rows of `text` (B, L) ids in lexicographic order of their first `lengths` (B,)
     tokens, a prefix before its extensions: captions that begin alike become neighbours."""
-    return torch.from_numpy(_lexicographic(_real_tokens(_host_ids(text), _host_ids(lengths))))
+    return torch.from_numpy(_lexicographic(_real_tokens(host_ids(text), host_ids(lengths))))
 
 
 # The host-side index work (lengths, masks, the trie) runs in numpy: these are small ops, and
@@ -391,7 +391,7 @@ def prefix_order(text: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 # shard spent ~0.3 s in such ops while the GPU was busy 0.18 s of its 1.4 s.
 
 
-def _host_ids(x: torch.Tensor | np.ndarray) -> np.ndarray:
+def host_ids(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """Token ids or lengths as an int64 host array (no copy when they already are one)."""
     a = x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     return a.astype(np.int64, copy=False)

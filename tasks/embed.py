@@ -65,7 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from models.checkpoint import fsync_dir
-from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizerPool, prefix_order
+from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizerPool, host_ids, prefix_order
 from tasks import storage
 from tasks.cluster import dask_client, require_distributed
 from tasks.contracts import DatasetVersion, EmbeddingSet
@@ -386,7 +386,7 @@ def write_caption_shard(
         text = encoder.tokenize(list(captions))  # (n, C), truncated as open_clip does
     lengths = encoder.token_lengths(text)  # (n,)
     batches = caption_batches(encoder, text, lengths, batch_size)
-    ids, n_tokens = text.numpy(), lengths.numpy()  # host slicing in numpy (see models.text_encoder._host_ids)
+    ids, n_tokens = host_ids(text), lengths.numpy()  # host slicing in numpy (see models.text_encoder.host_ids)
     schema = caption_schema(encoder.width, encoder.pooled_dim)
     path.parent.mkdir(parents=True, exist_ok=True)
     with (
@@ -424,7 +424,7 @@ def write_caption_shard(
 def caption_batches(encoder: TextEncoder, text: torch.Tensor, lengths: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """The rows of `text` (n, C) per encoder call, as `write_caption_shard` runs them: in token
     order when the encoder shares prefixes, by length otherwise; the longest caption's batch first."""
-    n_tokens = lengths.numpy()
+    n_tokens = host_ids(lengths)
     if encoder.shares_prefixes:
         order = prefix_order(text, lengths).numpy()  # (n,)
     else:

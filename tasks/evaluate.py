@@ -60,7 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tqdm.auto import tqdm
 
 from models.checkpoint import write_json_atomic
-from models.pipeline import GenerationParams, TextToImage, to_pil
+from models.pipeline import GenerationParams, TextToImage, fast_cuda_backends, to_pil
 from tasks import storage
 from tasks.attributes import ShapeAttributes, prompt_for, score_prompts
 from tasks.contracts import DatasetVersion, EvalReport, TrainResult
@@ -68,7 +68,7 @@ from tasks.prefect_compat import task
 from tasks.settings import get_settings
 from tasks.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapesConfig, heldout_pairs
 
-EVAL_FORMAT = 1  # bump when a metric's definition changes: old cached results are then recomputed
+EVAL_FORMAT = 2  # 2: steps-table speeds timed per row, warm-ups untimed. Bump when a metric's definition changes: old cached results are then recomputed
 EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.json"
@@ -544,6 +544,8 @@ def _measure(
     progress: bool,
 ) -> tuple[dict[str, float], dict[str, str]]:
     device = _device(config.device)
+    if device.startswith("cuda"):
+        fast_cuda_backends()  # as training set them, also when this process did not train
     pipe = TextToImage.load(train.checkpoint, device)
     _check_steps(pipe, config)
     precision = _precision(config.precision, device)

@@ -980,6 +980,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _resolve_device(requested: str | None, local_rank: int) -> torch.device:
+    from models.pipeline import fast_cuda_backends
+
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
@@ -989,9 +991,7 @@ def _resolve_device(requested: str | None, local_rank: int) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 parts (optimizer, loss) may use TF32
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        fast_cuda_backends()  # fp32 parts (optimizer, loss) may use TF32
     return device
 
 
