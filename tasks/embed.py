@@ -386,7 +386,7 @@ def write_caption_shard(
         text = encoder.tokenize(list(captions))  # (n, C), truncated as open_clip does
     lengths = encoder.token_lengths(text)  # (n,)
     batches = caption_batches(encoder, text, lengths, batch_size)
-    ids, n_tokens = host_ids(text), lengths.numpy()  # host slicing in numpy (see models.text_encoder.host_ids)
+    ids, n_tokens = host_ids(text), host_ids(lengths)  # host slicing in numpy (see models.text_encoder.host_ids)
     schema = caption_schema(encoder.width, encoder.pooled_dim)
     path.parent.mkdir(parents=True, exist_ok=True)
     with (
@@ -408,7 +408,6 @@ def write_caption_shard(
                 on_batch(count)
 
         for rows in batches:
-            rows = rows.numpy()
             batch = [captions[i] for i in rows.tolist()]
             encoding = _encode_batch(encoder, batch, torch.from_numpy(ids[rows, : n_tokens[rows].max()]))
             record_batch = arrow_thread.submit(_caption_record_batch, batch, encoding, schema)
@@ -421,7 +420,7 @@ def write_caption_shard(
     return int(lengths.max())
 
 
-def caption_batches(encoder: TextEncoder, text: torch.Tensor, lengths: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def caption_batches(encoder: TextEncoder, text: torch.Tensor, lengths: torch.Tensor, batch_size: int) -> list[np.ndarray]:
     """The rows of `text` (n, C) per encoder call, as `write_caption_shard` runs them: in token
     order when the encoder shares prefixes, by length otherwise; the longest caption's batch first."""
     n_tokens = host_ids(lengths)
@@ -431,7 +430,7 @@ def caption_batches(encoder: TextEncoder, text: torch.Tensor, lengths: torch.Ten
         order = np.argsort(-n_tokens, kind="stable")  # (n,) longest first
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     batches.sort(key=lambda rows: -int(n_tokens[rows].max()))  # stable: length order stays as it was
-    return [torch.from_numpy(rows) for rows in batches]
+    return batches
 
 
 def _encode_batch(encoder: TextEncoder, captions: list[str], text: torch.Tensor) -> TextEncoding:

@@ -68,7 +68,9 @@ from tasks.prefect_compat import task
 from tasks.settings import get_settings
 from tasks.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapesConfig, heldout_pairs
 
-EVAL_FORMAT = 2  # 2: steps-table speeds timed per row, warm-ups untimed. Bump when a metric's definition changes: old cached results are then recomputed
+# Bump when a metric's definition changes: old cached results are then recomputed.
+# 2: steps-table speeds timed per row, warm-ups untimed.
+EVAL_FORMAT = 2
 EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.json"
@@ -657,51 +659,56 @@ class _Sampling:
 
     def generate(self, prompts: list[str], seeds: list[int], params: GenerationParams) -> torch.Tensor:
         todo = [i for i in range(len(prompts)) if (params, prompts[i], seeds[i]) not in self.cache]
-        fresh = dict(zip(todo, self._run([prompts[i] for i in todo], [seeds[i] for i in todo], params), strict=True))
+        images, _ = self._run([prompts[i] for i in todo], [seeds[i] for i in todo], params)
+        fresh = dict(zip(todo, images, strict=True))
         return torch.stack([fresh[i] if i in fresh else self.cache[(params, prompts[i], seeds[i])]
                             for i in range(len(prompts))])  # (N, 3, H, W) in [-1, 1]
 
     def timed(self, prompts: list[str], seeds: list[int], params: GenerationParams) -> tuple[torch.Tensor, float]:
         """Images drawn anew, none taken from the cache, and the images/s of this call alone: rows
         of the steps table compare samplers on the same prompts, batches and warm device."""
-        n, seconds = self.timing.get(params, (0, 0.0))
-        images = torch.stack(self._run(prompts, seeds, params))  # (N, 3, H, W) in [-1, 1]
-        n_after, seconds_after = self.timing[params]
-        return images, (n_after - n) / (seconds_after - seconds)
+        images, seconds = self._run(prompts, seeds, params)
+        return torch.stack(images), len(prompts) / seconds  # (N, 3, H, W) in [-1, 1]
 
     def images_per_s(self, params: GenerationParams) -> float:
         n, seconds = self.timing.get(params, (0, 0.0))
         return n / seconds if seconds > 0 else float("nan")
 
-    def _run(self, prompts: list[str], seeds: list[int], params: GenerationParams) -> list[torch.Tensor]:
+    def _run(self, prompts: list[str], seeds: list[int], params: GenerationParams) -> tuple[list[torch.Tensor], float]:
+        """Each image anew, and the seconds their batches took (also added to `timing`)."""
         deterministic = params.sampler == "dpmpp_2m" or (params.sampler == "ddim" and params.eta == 0)
         out: list[torch.Tensor] = []
+        total = 0.0
         bar = tqdm(total=len(prompts), desc=f"eval {params.sampler}-{params.steps}", disable=not self.progress)
         for start in range(0, len(prompts), self.batch_size):
             batch, batch_seeds = prompts[start : start + self.batch_size], seeds[start : start + self.batch_size]
             self._warm_up(len(batch), params)
             begin = time.perf_counter()
-            images = self.pipe.generate(batch, batch_seeds, params)
-            if images.device.type == "cuda":
-                torch.cuda.synchronize()
+            images = self._generate(batch, batch_seeds, params)
+            elapsed = time.perf_counter() - begin
+            total += elapsed
             n, seconds = self.timing.get(params, (0, 0.0))
-            self.timing[params] = (n + len(batch), seconds + time.perf_counter() - begin)
+            self.timing[params] = (n + len(batch), seconds + elapsed)
             for prompt, seed, image in zip(batch, batch_seeds, images.cpu(), strict=True):
                 out.append(image)
                 if deterministic:
                     self.cache[(params, prompt, seed)] = image
             bar.update(len(batch))
         bar.close()
-        return out
+        return out, total
 
     def _warm_up(self, n: int, params: GenerationParams) -> None:
         key = (n, params.guidance_scale, params.precision)
         if key not in self.warmed:
             step = GenerationParams(steps=1, guidance_scale=params.guidance_scale, sampler="ddim", precision=params.precision)
-            images = self.pipe.generate([""] * n, list(range(n)), step)
-            if images.device.type == "cuda":
-                torch.cuda.synchronize()
+            self._generate([""] * n, list(range(n)), step)
             self.warmed.add(key)
+
+    def _generate(self, prompts: list[str], seeds: list[int], params: GenerationParams) -> torch.Tensor:
+        images = self.pipe.generate(prompts, seeds, params)
+        if images.device.type == "cuda":
+            torch.cuda.synchronize()  # the work done, not only queued, when a timer stops
+        return images
 
 
 def _batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
