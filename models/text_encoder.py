@@ -229,11 +229,11 @@ class TextEncoder(torch.nn.Module):
         mask = torch.from_numpy(np.arange(ids.shape[1])[None, :] < lengths[:, None])  # (B, L')
         # All host work before the first copy to the device: a copy from pageable memory waits
         # for the device to finish the work queued before it (the previous batch).
-        plan = _TriePlan.from_ids(ids, lengths) if share_prefixes and self.shares_prefixes else None
         device = t.positional_embedding.device
-        mask, lengths = _to_device(mask, device), _to_device(torch.from_numpy(lengths), device)
+        plan = _TriePlan.from_ids(ids, lengths, device) if share_prefixes and self.shares_prefixes else None
+        mask, lengths = to_device(mask, device), to_device(torch.from_numpy(lengths), device)
         if plan is not None:
-            tokens, pooled = self._encode_prefix_trie(t, plan.to(device), text.shape[1])
+            tokens, pooled = self._encode_prefix_trie(t, plan, text.shape[1])
         else:
             tokens, pooled = self._encode_padded(t, text)
         tokens = tokens.masked_fill(~mask[:, :, None], 0)  # (B, L', D)
@@ -269,20 +269,21 @@ class TextEncoder(torch.nn.Module):
         ln_final, garbage past each end; pooled (B, E)). Equal captions get equal bits."""
         cast_dtype = t.transformer.get_cast_dtype()
         x = t.token_embedding(plan.node_token).to(cast_dtype)  # (N, D)
-        x = x + t.positional_embedding[plan.node_col].to(cast_dtype)
+        x = x + t.positional_embedding.index_select(0, plan.node_col).to(cast_dtype)
         blocks = t.transformer.resblocks
         penultimate = self.config.layer == "penultimate"
         for block in blocks[:-1] if penultimate else blocks:
             x = _block_over_prefixes(block, x, plan)  # (N, D)
         states = t.ln_final(x)  # (N, D) the kept layer's token states
         if penultimate:  # the last block's output projection and MLP only where they are read: the EOT tokens
-            final = t.ln_final(_block_over_prefixes(blocks[-1], x, plan, plan.eot_node))  # (U, D)
+            final = t.ln_final(_block_over_prefixes(blocks[-1], x, plan, eot_only=True))  # (U, D)
         else:
-            final = states[plan.eot_node]  # (U, D)
-        tokens = states[plan.node_of[plan.unsort]]  # (B, longest, D)
-        if tokens.shape[1] < width:
-            tokens = F.pad(tokens, (0, 0, 0, width - tokens.shape[1]))  # (B, width, D)
-        return tokens, _project(t, final)[plan.caption_eot]  # (B, E)
+            final = states.index_select(0, plan.eot_node)  # (U, D)
+        B, longest = plan.caption_nodes.shape
+        tokens = states.index_select(0, plan.caption_nodes.view(-1)).view(B, longest, -1)  # (B, longest, D)
+        if longest < width:
+            tokens = F.pad(tokens, (0, 0, 0, width - longest))  # (B, width, D)
+        return tokens, _project(t, final).index_select(0, plan.caption_eot)  # (B, E)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -345,34 +346,42 @@ class PrefixTrie(NamedTuple):
 
 
 class _TriePlan(NamedTuple):
-    """A batch's prefix trie as the index tensors `_encode_prefix_trie` runs on."""
+    """A batch's prefix trie as the index tensors `_encode_prefix_trie` runs on, all of them
+    on the device in one copy. Rows are the sorted rows; "flat" positions index a (B, longest)
+    layout flattened (row * longest + position), so the tower gathers with `index_select`."""
 
     node_token: torch.Tensor  # (N,) each node's own token id
-    node_row: torch.Tensor  # (N,) sorted row and position where the node first appears
-    node_col: torch.Tensor  # (N,)
+    node_col: torch.Tensor  # (N,) its position (its prefix length - 1)
+    node_at: torch.Tensor  # (N,) flat position in the sorted rows where the node first appears
     node_of: torch.Tensor  # (B, longest) node at each position of the sorted rows; past the end: node 0
     eot_node: torch.Tensor  # (U,) the distinct EOT nodes (equal captions share one)
+    eot_at: torch.Tensor  # (U,) = node_at[eot_node]
     caption_eot: torch.Tensor  # (B,) input row -> its index in eot_node
-    unsort: torch.Tensor  # (B,) input row -> its sorted row
+    caption_nodes: torch.Tensor  # (B, longest) node_of in the input rows' order
 
     @classmethod
-    def from_ids(cls, ids: np.ndarray, lengths: np.ndarray) -> _TriePlan:
-        """`ids` (B, L) and `lengths` (B,) int64 host arrays."""
+    def from_ids(cls, ids: np.ndarray, lengths: np.ndarray, device: torch.device | str = "cpu") -> _TriePlan:
+        """`ids` (B, L) and `lengths` (B,) int64 host arrays -> the plan on `device`."""
         order, node_of, first_row, first_col = _prefix_trie(ids, lengths)
         sorted_lengths = lengths[order]  # (B,)
         eot_node, caption_eot = np.unique(node_of[np.arange(len(lengths)), sorted_lengths - 1], return_inverse=True)
         unsort = np.empty_like(order)
         unsort[order] = np.arange(len(order))  # (B,) input row -> its sorted row
-        node_token = ids[order[first_row], first_col]  # (N,)
-        arrays = (node_token, first_row, first_col, np.maximum(node_of, 0), eot_node, caption_eot.reshape(-1)[unsort], unsort)
-        return cls(*(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in arrays))
+        node_of = np.maximum(node_of, 0)
+        node_at = first_row * node_of.shape[1] + first_col  # (N,)
+        arrays = (
+            ids[order[first_row], first_col], first_col, node_at, node_of, eot_node, node_at[eot_node],
+            caption_eot.reshape(-1)[unsort], node_of[unsort],
+        )  # fmt: skip
+        # One buffer, one copy to the device (a pinned copy each would cost a launch and a pin).
+        flat = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays]))
+        parts = to_device(flat, torch.device(device)).split([a.size for a in arrays])
+        return cls(*(part.view(a.shape) for part, a in zip(parts, arrays)))
 
-    def to(self, device: torch.device) -> _TriePlan:
-        return _TriePlan(*(_to_device(x, device) for x in self))
 
-
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # From pinned memory a copy is queued behind the device's work instead of waiting for it.
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, the copy queued without waiting: from pinned memory a copy
+    is queued behind the device's work, from pageable memory it waits for that work first."""
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
@@ -437,23 +446,23 @@ def _lexicographic(keyed: np.ndarray) -> np.ndarray:
     return np.lexsort(keyed[:, ::-1].T).astype(np.int64)
 
 
-def _block_over_prefixes(
-    block: torch.nn.Module, x: torch.Tensor, plan: _TriePlan, nodes: torch.Tensor | None = None
-) -> torch.Tensor:
+def _block_over_prefixes(block: torch.nn.Module, x: torch.Tensor, plan: _TriePlan, eot_only: bool = False) -> torch.Tensor:
     """One open_clip `ResidualAttentionBlock` over prefix-trie nodes: x (N, D) node states ->
-    the states after the block of `nodes` (M,), by default every node in order (M = N): (M, D).
+    the states after the block of every node in order (N, D), or with `eot_only` of the EOT
+    nodes `plan.eot_node` (U, D).
 
     The projections and the MLP run on the nodes; causal attention runs per caption, its
     queries, keys and values gathered from the nodes along the caption (`plan.node_of`), its
-    output read where each wanted node first appears (`plan.node_row`, `plan.node_col`)."""
+    output read where each wanted node first appears (`plan.node_at`). Gathers are
+    `index_select`s over flat positions: no advanced indexing, no device sync."""
     attn = block.attn
     B, L = plan.node_of.shape
     D, heads = x.shape[1], attn.num_heads
-    at = (plan.node_row, plan.node_col) if nodes is None else (plan.node_row[nodes], plan.node_col[nodes])  # (M,) each
-    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)[plan.node_of]  # (B, L, 3D)
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).index_select(0, plan.node_of.view(-1))  # (B*L, 3D)
     q, k, v = qkv.view(B, L, 3, heads, D // heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, D/H)
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)[at]  # (M, H, D/H)
-    h = (x if nodes is None else x[nodes]) + block.ls_1(attn.out_proj(o.reshape(-1, D)))  # (M, D)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B * L, D)  # (B*L, D)
+    o = o.index_select(0, plan.eot_at if eot_only else plan.node_at)  # (M, D)
+    h = (x.index_select(0, plan.eot_node) if eot_only else x) + block.ls_1(attn.out_proj(o))  # (M, D)
     return h + block.ls_2(block.mlp(block.ln_2(h)))
 
 

@@ -52,7 +52,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 import numpy as np
@@ -65,7 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from models.checkpoint import fsync_dir
-from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizerPool, host_ids, prefix_order
+from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizerPool, host_ids, prefix_order, to_device
 from tasks import storage
 from tasks.cluster import dask_client, require_distributed
 from tasks.contracts import DatasetVersion, EmbeddingSet
@@ -380,7 +380,8 @@ def write_caption_shard(
     (e.g. from a `TokenizerPool`), saves tokenizing them here. Behind the encoder, one
     thread copies each encoded batch to the host as Arrow while another writes the
     previous one to Parquet (each part alone ran at 58k-70k captions/s on an H200, so one
-    thread doing both would cap the stage near 32k/s).
+    thread doing both would cap the stage near 32k/s). This thread only queues work on the
+    device, the copies to the host included; it never waits for the device.
     """
     if text is None:
         text = encoder.tokenize(list(captions))  # (n, C), truncated as open_clip does
@@ -410,14 +411,15 @@ def write_caption_shard(
         for rows in batches:
             batch = [captions[i] for i in rows.tolist()]
             encoding = _encode_batch(encoder, batch, torch.from_numpy(ids[rows, : n_tokens[rows].max()]))
-            record_batch = arrow_thread.submit(_caption_record_batch, batch, encoding, schema)
+            host = _to_host(encoding, n_tokens[rows])  # queued: the arrow thread waits for it, not this one
+            record_batch = arrow_thread.submit(_caption_record_batch, batch, n_tokens[rows], host, schema)
             pending.append(write_thread.submit(write, record_batch, len(batch)))
             while len(pending) > 3 or (pending and pending[0].done()):  # bounded memory: at most 4 encoded batches held
                 pending.popleft().result()  # a failed write raises here
         while pending:
             pending.popleft().result()
     _fsync_file(path)
-    return int(lengths.max())
+    return int(n_tokens.max())
 
 
 def caption_batches(encoder: TextEncoder, text: torch.Tensor, lengths: torch.Tensor, batch_size: int) -> list[np.ndarray]:
@@ -448,19 +450,48 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _caption_record_batch(captions: list[str], encoding: TextEncoding, schema: pa.Schema) -> pa.RecordBatch:
-    n = len(captions)
-    lengths = encoding.lengths.cpu().numpy().astype(np.int64)  # (B,)
-    real = encoding.tokens[encoding.mask].to(torch.float16)  # (sum(lengths), D), row by row
-    if not torch.isfinite(real).all():
+class _HostBatch(NamedTuple):
+    """An encoded batch on its way to host memory."""
+
+    tokens: torch.Tensor  # (K, D) float16: each caption's real token states, row after row
+    pooled: torch.Tensor  # (B, E) float32
+    finite: torch.Tensor  # () bool: every token state is finite
+    landed: torch.cuda.Event | None  # recorded after the copies; None when computed on the host
+
+
+def _to_host(encoding: TextEncoding, lengths: np.ndarray) -> _HostBatch:
+    """Queues the copy of a batch's real token states and pooled embeddings to pinned host
+    memory, without waiting for the device. The real tokens are gathered at flat positions
+    the host knows from `lengths` (B,): a boolean mask would sync the device to size its
+    output, and a copy to pageable memory waits for the device."""
+    B, L, D = encoding.tokens.shape
+    real_at = np.flatnonzero(np.arange(L)[None, :] < lengths[:, None])  # (K,) row by row
+    device = encoding.tokens.device
+    real = encoding.tokens.reshape(B * L, D).index_select(0, to_device(torch.from_numpy(real_at), device))
+    real = real.to(torch.float16)  # (K, D), as stored: an overflow shows as inf below
+    on_device = (real, encoding.pooled.float(), torch.isfinite(real).all())
+    if device.type != "cuda":
+        return _HostBatch(*on_device, landed=None)
+    host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True) for x in on_device]
+    landed = torch.cuda.Event()
+    landed.record()
+    return _HostBatch(*host, landed=landed)
+
+
+def _caption_record_batch(captions: list[str], lengths: np.ndarray, host: _HostBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """Runs in the arrow thread: waits for the batch's copies, then wraps them as Arrow (no copy)."""
+    if host.landed is not None:
+        host.landed.synchronize()
+    if not bool(host.finite):
         raise EmbedError(
             "the text encoder produced non-finite token states (float16 overflow or a broken weights file); "
             "check embed.encoder.weights"
         )
-    flat = np.ascontiguousarray(real.cpu().numpy(), dtype=TOKENS_DTYPE)  # (K, D)
+    n = len(captions)
+    flat = np.ascontiguousarray(host.tokens.numpy(), dtype=TOKENS_DTYPE)  # (K, D)
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(lengths * flat.shape[1] * TOKENS_DTYPE.itemsize, out=offsets[1:])
-    pooled = np.ascontiguousarray(encoding.pooled.float().cpu().numpy(), dtype=EMBED_DTYPE)  # (B, E)
+    pooled = np.ascontiguousarray(host.pooled.numpy(), dtype=EMBED_DTYPE)  # (B, E)
     return pa.record_batch(
         [
             pa.array([caption_id(c) for c in captions], pa.string()),

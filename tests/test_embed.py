@@ -40,6 +40,7 @@ from tasks.embed import (
     find_published,
     load_embeddings,
     read_manifest,
+    write_caption_shard,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,6 +229,44 @@ def test_tokenizer_workers_and_write_thread_give_the_serial_bytes(toy, config, t
     for name in read_manifest(serial.path)["files"]["captions"]:
         a, b = pq.read_table(Path(serial.path) / name), pq.read_table(Path(pooled.path) / name)
         assert a.equals(b), name
+
+
+def test_encoding_thread_never_waits_for_the_device(config, tmp_path):
+    # The thread that feeds the encoder only queues device work: the real tokens are
+    # gathered at positions the host knows (a boolean mask, aten::nonzero, would sync a GPU
+    # to size its output), no scalar is read back (aten::_local_scalar_dense), and the
+    # copies to the host are waited for in the arrow thread. The profiler sees this thread.
+    from torch.profiler import profile
+
+    encoder = build_encoder(config)
+    captions = sorted(set(TRAIN))
+    with profile() as prof:
+        write_caption_shard(encoder, captions, tmp_path / "shard.parquet", batch_size=2)
+    ran = {e.key for e in prof.key_averages()}
+    assert not ran & {"aten::nonzero", "aten::_local_scalar_dense", "aten::item", "aten::index", "aten::masked_select"}
+    table = pq.read_table(tmp_path / "shard.parquet")
+    fresh = encoder.encode(table.column("caption").to_pylist())
+    stored = np.frombuffer(b"".join(table.column("tokens").to_pylist()), dtype="<f2").reshape(-1, 32)
+    assert_fp16_close(torch.from_numpy(stored.copy()), fresh.tokens[fresh.mask])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_shard_holds_the_encoders_states(config, tmp_path):
+    # The pinned copies, queued without waiting and read after their event: the stored bytes
+    # are the device's float16 states of the same batch.
+    encoder = build_encoder(config, "cuda")
+    captions = sorted(set(TRAIN)) * 50  # repeats: one batch, many equal rows
+    captions = [f"{c} {i}" for i, c in enumerate(captions)]
+    write_caption_shard(encoder, captions, tmp_path / "shard.parquet", batch_size=len(captions))
+    table = pq.read_table(tmp_path / "shard.parquet")
+    stored_captions = table.column("caption").to_pylist()  # in the batch's prefix order
+    assert sorted(stored_captions) == sorted(captions)
+    with embed_module._autocast(encoder.device):
+        fresh = encoder.encode(stored_captions)  # the same batch: the same trie
+    stored = np.frombuffer(b"".join(table.column("tokens").to_pylist()), dtype="<f2").reshape(-1, 32)
+    torch.testing.assert_close(torch.from_numpy(stored.copy()), fresh.tokens[fresh.mask].half().cpu(), rtol=1e-3, atol=1e-3)
+    pooled = np.frombuffer(b"".join(table.column("pooled").to_pylist()), dtype="<f4").reshape(len(captions), -1)
+    torch.testing.assert_close(torch.from_numpy(pooled.copy()), fresh.pooled.float().cpu(), rtol=1e-3, atol=1e-3)
 
 
 def test_caption_longer_than_the_context_is_truncated_as_open_clip_does(tmp_path, config, tiny_clip):
