@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU figures in one call, on one CUDA device: the embed, train and sample benchmarks and
-# the gpu-32px quality run (benchmarks/quality.py).
+# The GPU figures in one call, on one CUDA device: the tests that need CUDA, the embed, train
+# and sample benchmarks and the gpu-32px quality run (benchmarks/quality.py).
 #
-#   bash benchmarks/gpu.sh                  # all four; results as JSON lines in $OUT (default ./gpu-results)
-#   bash benchmarks/gpu.sh embed sample     # only these (names: embed, train64, sample, quality)
+#   bash benchmarks/gpu.sh                  # all five; results as JSON lines in $OUT (default ./gpu-results)
+#   bash benchmarks/gpu.sh cuda embed sample   # only these (names: cuda, embed, train64, sample, quality)
 #   QUALITY_TRAIN_SECONDS=600 QUALITY_LIMIT=1000 bash benchmarks/gpu.sh quality   # a longer training budget (off the device tool)
 #   QUALITY_SET="train.loss_weight_floor=0 shapes.n_images=10000" bash benchmarks/gpu.sh quality   # preset overrides
 #
-# One device call runs at most 600 s: with the default limits (embed 120 s, sample 180 s,
-# quality 540 s) run `embed sample` and `quality` as two calls. On an H100 (eighth session) the
+# One device call runs at most 600 s: with the default limits (cuda 120 s, embed 120 s,
+# sample 180 s, quality 540 s) run `cuda embed sample` and `quality` as two calls. On an H100 (eighth session) the
 # quality run took 545 s with QUALITY_TRAIN_SECONDS=200: its compile probe alone took 155 s.
 #
 # A machine without prefect, mlflow, duckdb, open_clip or diffusers can take them as wheels
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 wanted() { local name=$1; shift; [[ $# -eq 0 ]] || [[ " $* " == *" $name "* ]]; }  # wanted NAME SELECTED...: none selected = all
 selected=("$@")
 for name in "${selected[@]}"; do
-    case $name in embed | train64 | sample | quality) ;; *) echo "unknown benchmark '$name': choose from embed, train64, sample, quality" >&2; exit 2 ;; esac
+    case $name in cuda | embed | train64 | sample | quality) ;; *) echo "unknown benchmark '$name': choose from cuda, embed, train64, sample, quality" >&2; exit 2 ;; esac
 done
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -40,6 +40,12 @@ run() {  # run NAME SECONDS CMD...: stdout's JSON line to $OUT/NAME.json, the lo
 }
 
 
+if wanted cuda "${selected[@]}"; then
+    # The tests that skip without CUDA (pinned copies, bf16 autocast, the stage's queued copies to the host).
+    run cuda "${CUDA_TESTS_LIMIT:-120}" python3 -m pytest -q -p no:cacheprovider -rs -k cuda \
+        tests/test_text_encoder.py tests/test_embed.py
+    mv "$OUT/cuda.json" "$OUT/cuda.txt"  # pytest's report, not a JSON line
+fi
 if wanted embed "${selected[@]}"; then
     run embed "${EMBED_LIMIT:-120}" python3 benchmarks/embed.py --device cuda --captions 100000 --batch 1024 --profile
 fi
