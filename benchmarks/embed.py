@@ -4,7 +4,8 @@ Batched: what `embed_dataset` runs over its shards: tokenize (over a `TokenizerP
 worker processes on a GPU, started before the timing as the stage starts it once per run;
 the next shard tokenizing while this one encodes), sort by token prefix, encode `--batch`
 captions per call, each distinct token prefix once (bf16 autocast on CUDA), write Parquet
-caption shards from writer threads. Naive: what a hand-rolled loop runs, one caption at a
+caption shards from writer threads, each fsynced in the background while the next encodes
+(`tasks.embed.write_caption_shards`, the stage's own loop; timed until every file is durable). Naive: what a hand-rolled loop runs, one caption at a
 time through open_clip's own forward at the full context length (the encoder's padded path
 on 77 positions), each result copied to the host (no file); `single_captions_per_s` is this
 project's encoder one caption at a time (only the real tokens), for the share of the
@@ -45,8 +46,8 @@ from tasks.embed import (  # noqa: E402
     EmbedConfig,
     _autocast,
     caption_batches,
-    tokenized_ahead,
     write_caption_shard,
+    write_caption_shards,
 )
 
 from benchmarks.quality import _at_least  # noqa: E402
@@ -178,16 +179,16 @@ def main(argv: list[str] | None = None) -> dict:
 
             part = batched[r :: args.rounds]
             shards = [part[i : i + args.shard] for i in range(0, len(part), args.shard)]
+            out = Path(tmp) / f"round-{r:02d}"
             t0 = time.perf_counter()
-            for k, (captions, text) in enumerate(tokenized_ahead(shards, pool)):  # as the stage runs its shards
-                path = Path(tmp) / f"part-{r:02d}-{k:05d}.parquet"
-                max_tokens = max(max_tokens, write_caption_shard(encoder, captions, path, batch, text=text()))
+            names, longest = write_caption_shards(encoder, shards, out, batch, pool)  # the stage's shard loop
             synchronize(device)
             batched_s += time.perf_counter() - t0
-            shard_bytes += sum(p.stat().st_size for p in Path(tmp).glob(f"part-{r:02d}-*.parquet"))
+            max_tokens = max(max_tokens, longest)
+            shard_bytes += sum((out / name).stat().st_size for name in names)
 
         if args.profile:
-            profile_shard(encoder, batched[: args.shard], pool, Path(tmp) / "profiled.parquet", batch, device)
+            profile_shard(encoder, batched[: args.shard], pool, Path(tmp) / "profiled", batch, device)
 
         sample = make_captions(args.tokenize_captions, args.seed + 1)  # the same for every --captions
         t0 = time.perf_counter()
@@ -277,7 +278,7 @@ def token_counts(encoder: TextEncoder, rounds: list[list[str]], shard: int, batc
     return round(real / n, 2), round(run / n, 2)
 
 
-def profile_shard(encoder, captions: list[str], pool: TokenizerPool, path: Path, batch: int, device: torch.device) -> None:
+def profile_shard(encoder, captions: list[str], pool: TokenizerPool, out: Path, batch: int, device: torch.device) -> None:
     """One shard through the stage's path under torch.profiler: the ops by their own host time,
     and on a GPU by device time, with the share of the wall time the GPU was busy."""
     from torch.autograd import DeviceType
@@ -287,8 +288,7 @@ def profile_shard(encoder, captions: list[str], pool: TokenizerPool, path: Path,
     synchronize(device)
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
-        for shard, text in tokenized_ahead([captions], pool):
-            write_caption_shard(encoder, shard, path, batch, text=text())
+        write_caption_shards(encoder, [captions], out, batch, pool)
         synchronize(device)
     wall = time.perf_counter() - t0
     events = prof.key_averages()

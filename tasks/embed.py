@@ -368,8 +368,10 @@ def write_caption_shard(
     batch_size: int,
     on_batch: Callable[[int], object] | None = None,
     text: torch.Tensor | None = None,
+    durable: bool = True,
 ) -> int:
-    """Encode distinct `captions` in batches and write one shard.
+    """Encode distinct `captions` in batches and write one shard (fsynced unless not `durable`:
+    `write_caption_shards` fsyncs in the background while the next shard encodes).
 
     Returns the longest token count. A batch holds captions that begin alike (the encoder
     runs each distinct token prefix once), or, for a tower without prefix sharing, captions
@@ -418,7 +420,8 @@ def write_caption_shard(
                 pending.popleft().result()  # a failed write raises here
         while pending:
             pending.popleft().result()
-    _fsync_file(path)
+    if durable:
+        _fsync_file(path)
     return int(n_tokens.max())
 
 
@@ -651,12 +654,34 @@ def _encode_shards_here(
 ) -> tuple[list[str], int]:
     chunks = -(-n // TOKENIZE_CHUNK)  # a tokenizer pool pays off only with chunks to share out
     workers = min(config.resolved_tokenize_workers(encoder.device), chunks) if chunks > 1 else 0
-    names, longest = [], 0
     with TokenizerPool(encoder, workers, TOKENIZE_CHUNK) as tokenize:
+        return write_caption_shards(encoder, shards, out, config.batch_size, tokenize, on_batch)
+
+
+def write_caption_shards(
+    encoder: TextEncoder, shards: Iterable[list[str]], out: Path, batch_size: int, tokenize: TokenizerPool,
+    on_batch: Callable[[int], object] | None = None,
+) -> tuple[list[str], int]:
+    """The stage's shard loop: each shard of distinct captions to `out / captions/part-K.parquet`
+    -> (names relative to `out`, the longest token count). Returns once every file is durable.
+
+    A shard's tokenization starts in `tokenize`'s workers while the one before it encodes, and
+    a written shard is fsynced in a background thread while the next one encodes: a shard
+    is ~25 KB per caption (~400 MB at 16,384 captions), whose fsync took 0.35 s on the CPU
+    box, time in which the device would otherwise wait.
+    """
+    names, longest = [], 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-fsync") as syncer:
+        syncing: deque[Future] = deque()
         for k, (captions, text) in enumerate(tokenized_ahead(shards, tokenize)):
             names.append(_shard_name(k))
-            n_tok = write_caption_shard(encoder, captions, out / names[-1], config.batch_size, on_batch, text=text())
-            longest = max(longest, n_tok)
+            path = out / names[-1]
+            longest = max(longest, write_caption_shard(encoder, captions, path, batch_size, on_batch, text=text(), durable=False))
+            syncing.append(syncer.submit(_fsync_file, path))
+            while syncing and syncing[0].done():
+                syncing.popleft().result()  # a failed fsync raises here, not only at the end
+        while syncing:
+            syncing.popleft().result()
     return names, longest
 
 

@@ -41,6 +41,7 @@ from tasks.embed import (
     load_embeddings,
     read_manifest,
     write_caption_shard,
+    write_caption_shards,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,6 +268,46 @@ def test_cuda_shard_holds_the_encoders_states(config, tmp_path):
     torch.testing.assert_close(torch.from_numpy(stored.copy()), fresh.tokens[fresh.mask].half().cpu(), rtol=1e-3, atol=1e-3)
     pooled = np.frombuffer(b"".join(table.column("pooled").to_pylist()), dtype="<f4").reshape(len(captions), -1)
     torch.testing.assert_close(torch.from_numpy(pooled.copy()), fresh.pooled.float().cpu(), rtol=1e-3, atol=1e-3)
+
+
+def test_shards_are_fsynced_off_the_encoding_thread_before_the_loop_returns(config, tmp_path, monkeypatch):
+    import threading
+
+    from models.text_encoder import TokenizerPool
+
+    synced, written = [], []
+    original_write, original_fsync = embed_module.write_caption_shard, embed_module._fsync_file
+
+    def record_write(encoder, captions, path, *args, **kwargs):
+        written.append(path)
+        return original_write(encoder, captions, path, *args, **kwargs)
+
+    def record_fsync(path):
+        original_fsync(path)
+        synced.append((path, threading.current_thread().name))
+
+    monkeypatch.setattr(embed_module, "write_caption_shard", record_write)
+    monkeypatch.setattr(embed_module, "_fsync_file", record_fsync)
+    encoder = build_encoder(config)
+    shards = [["a red circle", "two blue squares"], ["a green star"], ["x", "y", "z"]]
+    with TokenizerPool(encoder, 0) as tokenize:
+        names, longest = write_caption_shards(encoder, shards, tmp_path, 2, tokenize)
+    paths = [tmp_path / name for name in names]
+    assert names == [f"captions/part-{k:05d}.parquet" for k in range(3)] and longest == 5  # "two blue squares"
+    assert sorted(p for p, _ in synced) == paths  # each file once, all before the loop returned
+    assert {thread for _, thread in synced} == {"embed-fsync_0"}  # never on the thread that feeds the encoder
+    assert written == paths
+    assert [pq.read_table(p).column("caption").to_pylist() for p in paths] == shards
+
+
+def test_a_failed_fsync_fails_the_run_and_publishes_nothing(toy, config, monkeypatch):
+    def full_disk(path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(embed_module, "_fsync_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        embed_dataset(toy, config, progress=False)
+    assert list((Path(os.environ["T2I_DATA_ROOT"]) / "embeddings" / toy.version).iterdir()) == []
 
 
 def test_caption_longer_than_the_context_is_truncated_as_open_clip_does(tmp_path, config, tiny_clip):
