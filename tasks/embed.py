@@ -413,8 +413,10 @@ def write_caption_shard(
         for rows in batches:
             batch = [captions[i] for i in rows.tolist()]
             encoding = _encode_batch(encoder, batch, torch.from_numpy(ids[rows, : n_tokens[rows].max()]))
-            host = _to_host(encoding, n_tokens[rows])  # queued: the arrow thread waits for it, not this one
-            record_batch = arrow_thread.submit(_caption_record_batch, batch, n_tokens[rows], host, schema)
+            # On a GPU the copies to the host are queued here and waited for in the arrow thread;
+            # on the CPU the gather and check are real work, which the arrow thread does.
+            handoff = _to_host(encoding, n_tokens[rows]) if encoding.tokens.is_cuda else encoding
+            record_batch = arrow_thread.submit(_caption_record_batch, batch, n_tokens[rows], handoff, schema)
             pending.append(write_thread.submit(write, record_batch, len(batch)))
             while len(pending) > 3 or (pending and pending[0].done()):  # bounded memory: at most 4 encoded batches held
                 pending.popleft().result()  # a failed write raises here
@@ -481,8 +483,13 @@ def _to_host(encoding: TextEncoding, lengths: np.ndarray) -> _HostBatch:
     return _HostBatch(*host, landed=landed)
 
 
-def _caption_record_batch(captions: list[str], lengths: np.ndarray, host: _HostBatch, schema: pa.Schema) -> pa.RecordBatch:
-    """Runs in the arrow thread: waits for the batch's copies, then wraps them as Arrow (no copy)."""
+def _caption_record_batch(
+    captions: list[str], lengths: np.ndarray, host: _HostBatch | TextEncoding, schema: pa.Schema
+) -> pa.RecordBatch:
+    """Runs in the arrow thread: waits for the batch's copies (or, for an encoding computed on the
+    host, makes them), then wraps them as Arrow (no copy)."""
+    if isinstance(host, TextEncoding):
+        host = _to_host(host, lengths)
     if host.landed is not None:
         host.landed.synchronize()
     if not bool(host.finite):
