@@ -61,6 +61,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
+from torch.profiler import record_function
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
@@ -418,10 +419,12 @@ def write_caption_shard(
             handoff = _to_host(encoding, n_tokens[rows]) if encoding.tokens.is_cuda else encoding
             record_batch = arrow_thread.submit(_caption_record_batch, batch, n_tokens[rows], handoff, schema)
             pending.append(write_thread.submit(write, record_batch, len(batch)))
-            while len(pending) > 3 or (pending and pending[0].done()):  # bounded memory: at most 4 encoded batches held
-                pending.popleft().result()  # a failed write raises here
-        while pending:
-            pending.popleft().result()
+            with record_function("embed: wait for writes"):  # named for `benchmarks/embed.py --profile`
+                while len(pending) > 3 or (pending and pending[0].done()):  # bounded memory: at most 4 encoded batches held
+                    pending.popleft().result()  # a failed write raises here
+        with record_function("embed: wait for writes"):
+            while pending:
+                pending.popleft().result()
     if durable:
         _fsync_file(path)
     return int(n_tokens.max())
@@ -683,12 +686,15 @@ def write_caption_shards(
         for k, (captions, text) in enumerate(tokenized_ahead(shards, tokenize)):
             names.append(_shard_name(k))
             path = out / names[-1]
-            longest = max(longest, write_caption_shard(encoder, captions, path, batch_size, on_batch, text=text(), durable=False))
+            with record_function("embed: wait for tokens"):
+                ids = text()
+            longest = max(longest, write_caption_shard(encoder, captions, path, batch_size, on_batch, text=ids, durable=False))
             syncing.append(syncer.submit(_fsync_file, path))
             while syncing and syncing[0].done():
                 syncing.popleft().result()  # a failed fsync raises here, not only at the end
-        while syncing:
-            syncing.popleft().result()
+        with record_function("embed: wait for fsync"):
+            while syncing:
+                syncing.popleft().result()
     return names, longest
 
 
