@@ -294,7 +294,9 @@ def profile_shard(encoder, captions: list[str], pool: TokenizerPool, out: Path, 
     events = prof.key_averages()
     print(f"# profile: {len(captions)} captions in {wall:.3f} s ({len(captions) / wall:,.0f}/s)", file=sys.stderr)
     print(events.table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
-    waits = {e.key: e.cpu_time_total / 1e6 for e in events if e.key.startswith("embed: ")}  # the stage's named waits
+    waits = {  # the stage's named waits, on the host
+        e.key: e.cpu_time_total / 1e6 for e in events if e.key.startswith("embed: ") and e.device_type == DeviceType.CPU
+    }
     print("# encoding thread waited: " + ", ".join(f"{k[7:]} {v:.3f} s" for k, v in sorted(waits.items())), file=sys.stderr)
     if device.type == "cuda":
         # Kernels only: a launch's CPU event also carries its kernel's device time, and would count it twice.

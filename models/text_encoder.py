@@ -243,7 +243,7 @@ class TextEncoder(torch.nn.Module):
         """open_clip's CLIP.encode_text over (B, L) padded rows, keeping the configured layer's
         token states -> (tokens (B, L, D) after ln_final, pooled (B, E))."""
         length = text.shape[1]
-        text = text.to(t.positional_embedding.device)  # (B, L)
+        text = to_device(text, t.positional_embedding.device)  # (B, L)
         cast_dtype = t.transformer.get_cast_dtype()
         x = t.token_embedding(text).to(cast_dtype)  # (B, L, D)
         x = x + t.positional_embedding[:length].to(cast_dtype)
@@ -382,7 +382,7 @@ class _TriePlan(NamedTuple):
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`, the copy queued without waiting: from pinned memory a copy
     is queued behind the device's work, from pageable memory it waits for that work first."""
-    if device.type == "cuda":
+    if device.type == "cuda" and x.device.type == "cpu":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
 

@@ -61,8 +61,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from torch.profiler import record_function
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from models.checkpoint import fsync_dir
@@ -416,7 +416,7 @@ def write_caption_shard(
             encoding = _encode_batch(encoder, batch, torch.from_numpy(ids[rows, : n_tokens[rows].max()]))
             # On a GPU the copies to the host are queued here and waited for in the arrow thread;
             # on the CPU the gather and check are real work, which the arrow thread does.
-            handoff = _to_host(encoding, n_tokens[rows]) if encoding.tokens.is_cuda else encoding
+            handoff = encoding if encoding.tokens.device.type == "cpu" else _to_host(encoding, n_tokens[rows])
             record_batch = arrow_thread.submit(_caption_record_batch, batch, n_tokens[rows], handoff, schema)
             pending.append(write_thread.submit(write, record_batch, len(batch)))
             with record_function("embed: wait for writes"):  # named for `benchmarks/embed.py --profile`
@@ -479,10 +479,12 @@ def _to_host(encoding: TextEncoding, lengths: np.ndarray) -> _HostBatch:
     real = real.to(torch.float16)  # (K, D), as stored: an overflow shows as inf below
     on_device = (real, encoding.pooled.float(), torch.isfinite(real).all())
     if device.type != "cuda":
-        return _HostBatch(*on_device, landed=None)
+        return _HostBatch(*(x.cpu() for x in on_device), landed=None)  # no copy on the CPU
     host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True) for x in on_device]
-    landed = torch.cuda.Event()
-    landed.record()
+    # The copies run on the encoder's device's stream, which need not be the current device's.
+    # A blocking event: the arrow thread sleeps while it waits instead of spinning a core.
+    landed = torch.cuda.Event(blocking=True)
+    landed.record(torch.cuda.current_stream(device))
     return _HostBatch(*host, landed=landed)
 
 
@@ -584,6 +586,8 @@ def _build_and_publish(
             },
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        for sub in (p for p in tmp.iterdir() if p.is_dir()):
+            fsync_dir(sub)  # the data files' names, before the manifest that lists them
         _write_json_durable(tmp / MANIFEST_NAME, manifest)
         try:
             os.rename(tmp, final)

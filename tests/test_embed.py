@@ -258,12 +258,19 @@ def test_encoding_thread_never_waits_for_the_device(config, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_shard_holds_the_encoders_states(config, tmp_path):
+def test_cuda_shard_holds_the_encoders_states(config, tmp_path, monkeypatch):
     # The pinned copies, queued without waiting and read after their event: the stored bytes
     # are the device's float16 states of the same batch.
     encoder = build_encoder(config, "cuda")
     captions = sorted(set(TRAIN)) * 50  # repeats: one batch, many equal rows
     captions = [f"{c} {i}" for i, c in enumerate(captions)]
+    original = embed_module._to_host
+
+    def copies_behind_a_busy_device(encoding, lengths):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of device work queued first: a read that does not wait gets stale bytes
+        return original(encoding, lengths)
+
+    monkeypatch.setattr(embed_module, "_to_host", copies_behind_a_busy_device)
     write_caption_shard(encoder, captions, tmp_path / "shard.parquet", batch_size=len(captions))
     table = pq.read_table(tmp_path / "shard.parquet")
     stored_captions = table.column("caption").to_pylist()  # in the batch's prefix order
@@ -306,11 +313,21 @@ def test_shards_are_fsynced_off_the_encoding_thread_before_the_loop_returns(conf
     assert [pq.read_table(p).column("caption").to_pylist() for p in paths] == shards
 
 
-def test_a_failed_fsync_fails_the_run_and_publishes_nothing(toy, config, monkeypatch):
-    def full_disk(path):
-        raise OSError(28, "No space left on device", str(path))
+def test_a_failed_background_fsync_fails_the_run_and_publishes_nothing(toy, config, tmp_path, monkeypatch):
+    from models.text_encoder import TokenizerPool
 
-    monkeypatch.setattr(embed_module, "_fsync_file", full_disk)
+    original = embed_module._fsync_file
+
+    def full_disk_for_the_first_caption_shard(path):
+        if Path(path).name == "part-00000.parquet":
+            raise OSError(28, "No space left on device", str(path))
+        original(path)
+
+    monkeypatch.setattr(embed_module, "_fsync_file", full_disk_for_the_first_caption_shard)
+    encoder = build_encoder(config)
+    with TokenizerPool(encoder, 0) as tokenize, pytest.raises(OSError, match="No space left"):
+        write_caption_shards(encoder, [["a"], ["b"], ["c"]], tmp_path / "direct", 2, tokenize)
+    # The stage: row shards fsync as before, the first caption shard's fsync fails in the background.
     with pytest.raises(OSError, match="No space left"):
         embed_dataset(toy, config, progress=False)
     assert list((Path(os.environ["T2I_DATA_ROOT"]) / "embeddings" / toy.version).iterdir()) == []

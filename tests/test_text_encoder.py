@@ -559,7 +559,13 @@ def test_cuda_placement_and_bf16_autocast():
     # The prefix trie's pinned, non-blocking index copies against the padded path, on the device.
     assert gpu.shares_prefixes
     ids = gpu.tokenize(CAPTIONS)[:, :12]
-    shared, padded = gpu.encode_tokens(ids), gpu.encode_tokens(ids, share_prefixes=False)
+    from torch.profiler import profile
+
+    with profile() as prof:
+        shared = gpu.encode_tokens(ids)
+    pins = sum(e.count for e in prof.key_averages() if e.key == "aten::pin_memory")
+    assert pins == 3, pins  # the whole trie plan in one copy, the mask and the lengths
+    padded = gpu.encode_tokens(ids, share_prefixes=False)
     assert shared.lengths.device.type == "cuda" and torch.equal(shared.mask, padded.mask)
     torch.testing.assert_close(shared.tokens, padded.tokens, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(shared.pooled, padded.pooled, rtol=1e-3, atol=1e-3)
