@@ -50,6 +50,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -369,22 +370,102 @@ def write_caption_shard(
     batch_size: int,
     on_batch: Callable[[int], object] | None = None,
     text: torch.Tensor | None = None,
-    durable: bool = True,
 ) -> int:
-    """Encode distinct `captions` in batches and write one shard (fsynced unless not `durable`:
-    `write_caption_shards` fsyncs in the background while the next shard encodes).
+    """Encode distinct `captions` in batches and write one durable shard -> the longest token
+    count. `text`, their token ids (e.g. from a `TokenizerPool`), saves tokenizing them here.
+    See `_queue_caption_shard`; `write_caption_shards` runs many shards back to back."""
+    with _BatchWriter() as threads:
+        longest, closed = _queue_caption_shard(encoder, captions, path, batch_size, threads, on_batch, text)
+        closed.result()
+    _fsync_file(path)
+    return longest
 
-    Returns the longest token count. A batch holds captions that begin alike (the encoder
-    runs each distinct token prefix once), or, for a tower without prefix sharing, captions
-    of similar length (each batch is cut to its longest). The batch with the longest
-    caption goes first: on the padded path it needs the most memory, so a batch size too big
-    for the device fails early (on the prefix path memory follows the distinct prefixes, no
-    more than the padded path's at the same length). `text`, their token ids
-    (e.g. from a `TokenizerPool`), saves tokenizing them here. Behind the encoder, one
-    thread copies each encoded batch to the host as Arrow while another writes the
-    previous one to Parquet (each part alone ran at 58k-70k captions/s on an H200, so one
-    thread doing both would cap the stage near 32k/s). This thread only queues work on the
-    device, the copies to the host included; it never waits for the device.
+
+class _BatchWriter:
+    """The threads behind the encoder: one copies each encoded batch to the host as Arrow while
+    another writes the previous one to Parquet (each part alone ran at 58k-70k captions/s on
+    an H200, so one thread doing both would cap the stage near 32k/s). One write thread keeps
+    each file's batches in order. Consecutive shards share them, so a shard's last batches
+    are written while the next shard's first batches encode: the encoder never waits for a
+    shard's file to be finished. At most 4 encoded batches are held (bounded memory)."""
+
+    def __init__(self) -> None:
+        self._arrow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-arrow")
+        self._write = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-write")
+        self._pending: deque[Future] = deque()  # writes and closes, in order
+        self._open: list[pq.ParquetWriter] = []
+
+    def open(self, path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = pq.ParquetWriter(
+            path,
+            schema,
+            compression={"caption_id": "zstd", "caption": "zstd", "num_tokens": "zstd", "tokens": "none", "pooled": "none"},
+            use_dictionary=False,
+            write_statistics=["caption_id", "num_tokens"],
+        )
+        self._open.append(writer)
+        return writer
+
+    def add(self, writer: pq.ParquetWriter, record_batch: Callable[[], pa.RecordBatch], count: int,
+            on_batch: Callable[[int], object] | None) -> None:
+        """Queue one batch: `record_batch` runs in the arrow thread, its result is written in the write thread."""
+        converted = self._arrow.submit(record_batch)
+
+        def write() -> None:
+            writer.write_batch(converted.result())  # a failed conversion raises here, then in `_wait`
+            if on_batch is not None:
+                on_batch(count)
+
+        self._pending.append(self._write.submit(write))
+        self._wait(keep=3)
+
+    def close(self, writer: pq.ParquetWriter) -> Future:
+        """Queue the file's close behind its batches -> a future done when the file is complete."""
+        closed = self._write.submit(writer.close)
+        self._pending.append(closed)
+        self._wait(keep=3)
+        return closed
+
+    def _wait(self, keep: int) -> None:
+        with record_function("embed: wait for writes"):  # named for `benchmarks/embed.py --profile`
+            while len(self._pending) > keep or (self._pending and self._pending[0].done()):
+                self._pending.popleft().result()  # a failed write raises here
+
+    def __enter__(self) -> _BatchWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self._wait(keep=0)
+        finally:  # after an error, queued batches are dropped (the caller removes the partial set)
+            self._arrow.shutdown(wait=True, cancel_futures=exc[0] is not None)
+            self._write.shutdown(wait=True, cancel_futures=exc[0] is not None)
+            for writer in self._open:
+                if writer.is_open:  # a shard cut short by an error: release the file
+                    writer.close()
+
+
+def _queue_caption_shard(
+    encoder: TextEncoder,
+    captions: Sequence[str],
+    path: Path,
+    batch_size: int,
+    threads: _BatchWriter,
+    on_batch: Callable[[int], object] | None = None,
+    text: torch.Tensor | None = None,
+) -> tuple[int, Future]:
+    """Encode distinct `captions` in batches into one shard, its writes queued on `threads`
+    -> (the longest token count, a future done when the file is closed; not fsynced).
+
+    A batch holds captions that begin alike (the encoder runs each distinct token prefix
+    once), or, for a tower without prefix sharing, captions of similar length (each batch is
+    cut to its longest). The batch with the longest caption goes first: on the padded path
+    it needs the most memory, so a batch size too big for the device fails early (on the
+    prefix path memory follows the distinct prefixes, no more than the padded path's at the
+    same length). This thread only queues work on the device, the copies to the host
+    included; it never waits for the device.
     """
     if text is None:
         text = encoder.tokenize(list(captions))  # (n, C), truncated as open_clip does
@@ -392,42 +473,15 @@ def write_caption_shard(
     batches = caption_batches(encoder, text, lengths, batch_size)
     ids, n_tokens = host_ids(text), host_ids(lengths)  # host slicing in numpy (see models.text_encoder.host_ids)
     schema = caption_schema(encoder.width, encoder.pooled_dim)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        pq.ParquetWriter(
-            path,
-            schema,
-            compression={"caption_id": "zstd", "caption": "zstd", "num_tokens": "zstd", "tokens": "none", "pooled": "none"},
-            use_dictionary=False,
-            write_statistics=["caption_id", "num_tokens"],
-        ) as writer,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-arrow") as arrow_thread,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-write") as write_thread,
-    ):
-        pending: deque[Future] = deque()  # writes, in batch order (one write thread keeps the order)
-
-        def write(record_batch: Future, count: int) -> None:
-            writer.write_batch(record_batch.result())  # a failed conversion raises here, then in the loop below
-            if on_batch is not None:
-                on_batch(count)
-
-        for rows in batches:
-            batch = [captions[i] for i in rows.tolist()]
-            encoding = _encode_batch(encoder, batch, torch.from_numpy(ids[rows, : n_tokens[rows].max()]))
-            # On a GPU the copies to the host are queued here and waited for in the arrow thread;
-            # on the CPU the gather and check are real work, which the arrow thread does.
-            handoff = encoding if encoding.tokens.device.type == "cpu" else _to_host(encoding, n_tokens[rows])
-            record_batch = arrow_thread.submit(_caption_record_batch, batch, n_tokens[rows], handoff, schema)
-            pending.append(write_thread.submit(write, record_batch, len(batch)))
-            with record_function("embed: wait for writes"):  # named for `benchmarks/embed.py --profile`
-                while len(pending) > 3 or (pending and pending[0].done()):  # bounded memory: at most 4 encoded batches held
-                    pending.popleft().result()  # a failed write raises here
-        with record_function("embed: wait for writes"):
-            while pending:
-                pending.popleft().result()
-    if durable:
-        _fsync_file(path)
-    return int(n_tokens.max())
+    writer = threads.open(path, schema)
+    for rows in batches:
+        batch = [captions[i] for i in rows.tolist()]
+        encoding = _encode_batch(encoder, batch, torch.from_numpy(ids[rows, : n_tokens[rows].max()]))
+        # On a GPU the copies to the host are queued here and waited for in the arrow thread;
+        # on the CPU the gather and check are real work, which the arrow thread does.
+        handoff = encoding if encoding.tokens.device.type == "cpu" else _to_host(encoding, n_tokens[rows])
+        threads.add(writer, partial(_caption_record_batch, batch, n_tokens[rows], handoff, schema), len(batch), on_batch)
+    return int(n_tokens.max()), threads.close(writer)
 
 
 def caption_batches(encoder: TextEncoder, text: torch.Tensor, lengths: torch.Tensor, batch_size: int) -> list[np.ndarray]:
@@ -679,27 +733,35 @@ def write_caption_shards(
     """The stage's shard loop: each shard of distinct captions to `out / captions/part-K.parquet`
     -> (names relative to `out`, the longest token count). Returns once every file is durable.
 
-    A shard's tokenization starts in `tokenize`'s workers while the one before it encodes, and
-    a written shard is fsynced in a background thread while the next one encodes: a shard
-    is ~25 KB per caption (~400 MB at 16,384 captions), whose fsync took 0.35 s on the CPU
-    box, time in which the device would otherwise wait.
+    Nothing between shards stops the encoder: a shard's tokenization starts in `tokenize`'s
+    workers while the one before it encodes, its first batches encode while the last ones
+    of the shard before are still being written (one `_BatchWriter` for all shards), and a
+    finished shard is fsynced in a background thread. A shard is ~25 KB per caption
+    (~400 MB at 16,384 captions), whose fsync took 0.35 s on the CPU box.
     """
     names, longest = [], 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-fsync") as syncer:
         syncing: deque[Future] = deque()
-        for k, (captions, text) in enumerate(tokenized_ahead(shards, tokenize)):
-            names.append(_shard_name(k))
-            path = out / names[-1]
-            with record_function("embed: wait for tokens"):
-                ids = text()
-            longest = max(longest, write_caption_shard(encoder, captions, path, batch_size, on_batch, text=ids, durable=False))
-            syncing.append(syncer.submit(_fsync_file, path))
-            while syncing and syncing[0].done():
-                syncing.popleft().result()  # a failed fsync raises here, not only at the end
+        with _BatchWriter() as threads:
+            for k, (captions, text) in enumerate(tokenized_ahead(shards, tokenize)):
+                names.append(_shard_name(k))
+                path = out / names[-1]
+                with record_function("embed: wait for tokens"):
+                    ids = text()
+                n_tokens, closed = _queue_caption_shard(encoder, captions, path, batch_size, threads, on_batch, ids)
+                longest = max(longest, n_tokens)
+                syncing.append(syncer.submit(_fsync_when_closed, closed, path))
+                while syncing and syncing[0].done():
+                    syncing.popleft().result()  # a failed write or fsync raises here, not only at the end
         with record_function("embed: wait for fsync"):
             while syncing:
                 syncing.popleft().result()
     return names, longest
+
+
+def _fsync_when_closed(closed: Future, path: Path) -> None:
+    closed.result()  # the write thread finished the file (a failed write raises in the loop too)
+    _fsync_file(path)
 
 
 def _encode_shards_on_dask(

@@ -288,18 +288,13 @@ def test_shards_are_fsynced_off_the_encoding_thread_before_the_loop_returns(conf
 
     from models.text_encoder import TokenizerPool
 
-    synced, written = [], []
-    original_write, original_fsync = embed_module.write_caption_shard, embed_module._fsync_file
-
-    def record_write(encoder, captions, path, *args, **kwargs):
-        written.append(path)
-        return original_write(encoder, captions, path, *args, **kwargs)
+    synced, original_fsync = [], embed_module._fsync_file
 
     def record_fsync(path):
+        assert pq.ParquetFile(path).metadata.num_rows > 0  # a finished file: its footer written
         original_fsync(path)
         synced.append((path, threading.current_thread().name))
 
-    monkeypatch.setattr(embed_module, "write_caption_shard", record_write)
     monkeypatch.setattr(embed_module, "_fsync_file", record_fsync)
     encoder = build_encoder(config)
     shards = [["a red circle", "two blue squares"], ["a green star"], ["x", "y", "z"]]
@@ -309,8 +304,37 @@ def test_shards_are_fsynced_off_the_encoding_thread_before_the_loop_returns(conf
     assert names == [f"captions/part-{k:05d}.parquet" for k in range(3)] and longest == 5  # "two blue squares"
     assert sorted(p for p, _ in synced) == paths  # each file once, all before the loop returned
     assert {thread for _, thread in synced} == {"embed-fsync_0"}  # never on the thread that feeds the encoder
-    assert written == paths
     assert [pq.read_table(p).column("caption").to_pylist() for p in paths] == shards
+
+
+def test_next_shard_encodes_while_the_last_batches_of_the_one_before_are_written(config, tmp_path, monkeypatch):
+    # The write thread holds shard 0's first batch until the encoder has started shard 1. A
+    # loop that finished each file before encoding the next would stall here until the timeout.
+    import threading
+
+    from models.text_encoder import TokenizerPool
+
+    next_shard_started, stalled = threading.Event(), []
+    original_encode, original_record_batch = embed_module._encode_batch, embed_module._caption_record_batch
+
+    def encode(encoder, captions, *args):
+        if "a green star" in captions:  # shard 1
+            next_shard_started.set()
+        return original_encode(encoder, captions, *args)
+
+    def slow_record_batch(captions, *args):
+        if "a red circle" in captions and not next_shard_started.wait(timeout=20):
+            stalled.append(captions)
+        return original_record_batch(captions, *args)
+
+    monkeypatch.setattr(embed_module, "_encode_batch", encode)
+    monkeypatch.setattr(embed_module, "_caption_record_batch", slow_record_batch)
+    encoder = build_encoder(config)
+    shards = [["a red circle", "two blue squares", "x"], ["a green star"]]
+    with TokenizerPool(encoder, 0) as tokenize:
+        names, _ = write_caption_shards(encoder, shards, tmp_path, 2, tokenize)
+    assert not stalled
+    assert [sorted(pq.read_table(tmp_path / n).column("caption").to_pylist()) for n in names] == [sorted(s) for s in shards]
 
 
 def test_a_failed_background_fsync_fails_the_run_and_publishes_nothing(toy, config, tmp_path, monkeypatch):
