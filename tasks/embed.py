@@ -375,9 +375,8 @@ def write_caption_shard(
     count. `text`, their token ids (e.g. from a `TokenizerPool`), saves tokenizing them here.
     See `_queue_caption_shard`; `write_caption_shards` runs many shards back to back."""
     with _BatchWriter() as threads:
-        longest, closed = _queue_caption_shard(encoder, captions, path, batch_size, threads, on_batch, text)
-        closed.result()
-    _fsync_file(path)
+        longest, _ = _queue_caption_shard(encoder, captions, path, batch_size, threads, on_batch, text)
+    _fsync_file(path)  # leaving the block waited for the file's close
     return longest
 
 
@@ -387,13 +386,17 @@ class _BatchWriter:
     an H200, so one thread doing both would cap the stage near 32k/s). One write thread keeps
     each file's batches in order. Consecutive shards share them, so a shard's last batches
     are written while the next shard's first batches encode: the encoder never waits for a
-    shard's file to be finished. At most 4 encoded batches are held (bounded memory)."""
+    shard's file to be finished. At most 4 encoded batches are held (bounded memory).
+
+    Leaving the block waits for every queued write and close and raises the first failure;
+    leaving it on an error drops the queued batches and releases the open files instead."""
 
     def __init__(self) -> None:
         self._arrow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-arrow")
         self._write = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-write")
-        self._pending: deque[Future] = deque()  # writes and closes, in order
-        self._open: list[pq.ParquetWriter] = []
+        self._writes: deque[Future] = deque()  # queued batch writes, in order (bounded)
+        self._closes: deque[Future] = deque()  # queued file closes, in order
+        self._open: list[pq.ParquetWriter] = []  # files not yet seen closed
 
     def open(self, path: Path, schema: pa.Schema) -> pq.ParquetWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -404,7 +407,7 @@ class _BatchWriter:
             use_dictionary=False,
             write_statistics=["caption_id", "num_tokens"],
         )
-        self._open.append(writer)
+        self._open = [w for w in self._open if w.is_open] + [writer]
         return writer
 
     def add(self, writer: pq.ParquetWriter, record_batch: Callable[[], pa.RecordBatch], count: int,
@@ -417,34 +420,55 @@ class _BatchWriter:
             if on_batch is not None:
                 on_batch(count)
 
-        self._pending.append(self._write.submit(write))
+        self._writes.append(self._write.submit(write))
         self._wait(keep=3)
 
     def close(self, writer: pq.ParquetWriter) -> Future:
-        """Queue the file's close behind its batches -> a future done when the file is complete."""
+        """Queue the file's close behind its batches -> a future done when the file is complete.
+        Never waits: a close holds no encoded batch."""
         closed = self._write.submit(writer.close)
-        self._pending.append(closed)
-        self._wait(keep=3)
+        self._closes.append(closed)
         return closed
 
     def _wait(self, keep: int) -> None:
+        """Until at most `keep` writes are queued; raises the first failed write or close seen."""
         with record_function("embed: wait for writes"):  # named for `benchmarks/embed.py --profile`
-            while len(self._pending) > keep or (self._pending and self._pending[0].done()):
-                self._pending.popleft().result()  # a failed write raises here
+            while len(self._writes) > keep or (self._writes and self._writes[0].done()):
+                self._writes.popleft().result()
+            while self._closes and (keep == 0 or self._closes[0].done()):
+                self._closes.popleft().result()
 
     def __enter__(self) -> _BatchWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        failed = exc_type is not None
         try:
-            if exc[0] is None:
+            if not failed:
                 self._wait(keep=0)
-        finally:  # after an error, queued batches are dropped (the caller removes the partial set)
-            self._arrow.shutdown(wait=True, cancel_futures=exc[0] is not None)
-            self._write.shutdown(wait=True, cancel_futures=exc[0] is not None)
-            for writer in self._open:
-                if writer.is_open:  # a shard cut short by an error: release the file
+        except BaseException:
+            failed = True
+            raise
+        finally:  # after an error, queued batches and closes are dropped (the caller removes the partial set)
+            for pool in (self._write, self._arrow):  # both queues emptied before waiting for either
+                pool.shutdown(wait=False, cancel_futures=failed)
+            for pool in (self._write, self._arrow):
+                pool.shutdown(wait=True)
+            self._release(raise_error=not failed)
+
+    def _release(self, raise_error: bool) -> None:
+        """Close every file a shard cut short left open. Each is tried; a failure is raised only
+        when no other error is on its way out (that one is the cause, this one its echo)."""
+        errors = []
+        for writer in self._open:
+            if writer.is_open:
+                try:
                     writer.close()
+                except Exception as error:  # noqa: BLE001 - collected, raised below or superseded
+                    errors.append(error)
+        self._open.clear()
+        if errors and raise_error:
+            raise errors[0]
 
 
 def _queue_caption_shard(
@@ -740,8 +764,9 @@ def write_caption_shards(
     (~400 MB at 16,384 captions), whose fsync took 0.35 s on the CPU box.
     """
     names, longest = [], 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-fsync") as syncer:
-        syncing: deque[Future] = deque()
+    syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-fsync")
+    syncing: deque[Future] = deque()
+    try:
         with _BatchWriter() as threads:
             for k, (captions, text) in enumerate(tokenized_ahead(shards, tokenize)):
                 names.append(_shard_name(k))
@@ -756,6 +781,8 @@ def write_caption_shards(
         with record_function("embed: wait for fsync"):
             while syncing:
                 syncing.popleft().result()
+    finally:  # after an error, shards still queued are not fsynced (the caller removes the partial set)
+        syncer.shutdown(wait=True, cancel_futures=True)
     return names, longest
 
 

@@ -308,8 +308,10 @@ def test_shards_are_fsynced_off_the_encoding_thread_before_the_loop_returns(conf
 
 
 def test_next_shard_encodes_while_the_last_batches_of_the_one_before_are_written(config, tmp_path, monkeypatch):
-    # The write thread holds shard 0's first batch until the encoder has started shard 1. A
+    # The arrow thread holds shard 0's first batch until the encoder has started shard 1. A
     # loop that finished each file before encoding the next would stall here until the timeout.
+    # Shard 0's two batches stay within the writer's bound of queued batches, so the encoding
+    # thread itself never waits for them here.
     import threading
 
     from models.text_encoder import TokenizerPool
@@ -355,6 +357,103 @@ def test_a_failed_background_fsync_fails_the_run_and_publishes_nothing(toy, conf
     with pytest.raises(OSError, match="No space left"):
         embed_dataset(toy, config, progress=False)
     assert list((Path(os.environ["T2I_DATA_ROOT"]) / "embeddings" / toy.version).iterdir()) == []
+
+
+def _assert_released(root: Path) -> None:
+    """No thread of the stage is left running and no file under `root` is still open."""
+    import threading
+
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("embed-")]
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # closed since the listing
+            pass
+    assert not [path for path in held if path.startswith(str(root))]
+
+
+# Shard 1 holds the run's last batch: when it fails, the loop has queued everything, so only
+# the final waits (for writes, closes and fsyncs) can see it.
+TWO_SHARDS = [["a red circle", "two blue squares", "x"], ["a green star"]]
+
+
+@pytest.mark.parametrize("stage", ["conversion", "write", "close", "fsync"])
+def test_a_failure_in_the_last_shards_last_batch_fails_the_run(stage, config, tmp_path, monkeypatch):
+    from models.text_encoder import TokenizerPool
+
+    broken, last = OSError(5, f"Input/output error in the {stage}"), "a green star"
+    original_record_batch, original_fsync = embed_module._caption_record_batch, embed_module._fsync_file
+
+    def convert(captions, *args):
+        if stage == "conversion" and last in captions:
+            raise broken
+        return original_record_batch(captions, *args)
+
+    def fsync(path):
+        if stage == "fsync" and Path(path).name == "part-00001.parquet":
+            raise broken
+        original_fsync(path)
+
+    class Writer(pq.ParquetWriter):
+        def __init__(self, where, *args, **kwargs):
+            self.path, self.closes = Path(where), 0
+            super().__init__(where, *args, **kwargs)
+
+        def write_batch(self, batch, *args, **kwargs):
+            if stage == "write" and last in batch.column("caption").to_pylist():
+                raise broken
+            super().write_batch(batch, *args, **kwargs)
+
+        def close(self):
+            self.closes += 1
+            if stage != "close" or self.path.name != "part-00001.parquet":
+                super().close()
+            elif self.closes == 1:
+                raise broken  # in the write thread; the file stays open, released on the way out
+            else:
+                super().close()
+                raise OSError(5, "an echo while releasing the file")  # must not mask the cause
+
+    monkeypatch.setattr(embed_module, "_caption_record_batch", convert)
+    monkeypatch.setattr(embed_module, "_fsync_file", fsync)
+    monkeypatch.setattr(pq, "ParquetWriter", Writer)
+    encoder = build_encoder(config)
+    with TokenizerPool(encoder, 0) as tokenize, pytest.raises(OSError, match=f"error in the {stage}"):
+        write_caption_shards(encoder, TWO_SHARDS, tmp_path, 2, tokenize)
+    _assert_released(tmp_path)
+
+
+def test_an_encode_failure_stops_the_threads_and_releases_the_files(config, tmp_path, monkeypatch):
+    # Shard 0's conversions are slowed, so its second batch and its close are still queued
+    # when shard 1's encode fails: they are dropped, its file released and never fsynced.
+    import time
+
+    from models.text_encoder import TokenizerPool
+
+    class DeviceLost(RuntimeError):
+        pass
+
+    original_encode, original_record_batch = embed_module._encode_batch, embed_module._caption_record_batch
+    synced = []
+
+    def encode(encoder, captions, *args):
+        if "a green star" in captions:
+            raise DeviceLost("CUDA error: an illegal memory access was encountered")
+        return original_encode(encoder, captions, *args)
+
+    def slow_record_batch(*args):
+        time.sleep(0.5)
+        return original_record_batch(*args)
+
+    monkeypatch.setattr(embed_module, "_encode_batch", encode)
+    monkeypatch.setattr(embed_module, "_caption_record_batch", slow_record_batch)
+    monkeypatch.setattr(embed_module, "_fsync_file", synced.append)
+    encoder = build_encoder(config)
+    with TokenizerPool(encoder, 0) as tokenize, pytest.raises(DeviceLost):  # the cause, not an echo of the cleanup
+        write_caption_shards(encoder, TWO_SHARDS, tmp_path, 2, tokenize)
+    _assert_released(tmp_path)
+    assert synced == []
 
 
 def test_caption_longer_than_the_context_is_truncated_as_open_clip_does(tmp_path, config, tiny_clip):
