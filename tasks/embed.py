@@ -394,8 +394,8 @@ class _BatchWriter:
     def __init__(self) -> None:
         self._arrow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-arrow")
         self._write = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-write")
-        self._writes: deque[Future] = deque()  # queued batch writes, in order (bounded)
-        self._closes: deque[Future] = deque()  # queued file closes, in order
+        self._queued: deque[tuple[Future, bool]] = deque()  # (write or close, is a batch), in order
+        self._batches = 0  # batch writes in `_queued` (bounded; closes hold no batch)
         self._open: list[pq.ParquetWriter] = []  # files not yet seen closed
 
     def open(self, path: Path, schema: pa.Schema) -> pq.ParquetWriter:
@@ -420,23 +420,25 @@ class _BatchWriter:
             if on_batch is not None:
                 on_batch(count)
 
-        self._writes.append(self._write.submit(write))
+        self._queued.append((self._write.submit(write), True))
+        self._batches += 1
         self._wait(keep=3)
 
     def close(self, writer: pq.ParquetWriter) -> Future:
         """Queue the file's close behind its batches -> a future done when the file is complete.
         Never waits: a close holds no encoded batch."""
         closed = self._write.submit(writer.close)
-        self._closes.append(closed)
+        self._queued.append((closed, False))
         return closed
 
-    def _wait(self, keep: int) -> None:
-        """Until at most `keep` writes are queued; raises the first failed write or close seen."""
+    def _wait(self, keep: int | None) -> None:
+        """Until at most `keep` batch writes are queued, or, with None, until everything queued is
+        done; raises the first failed write or close in queue order."""
         with record_function("embed: wait for writes"):  # named for `benchmarks/embed.py --profile`
-            while len(self._writes) > keep or (self._writes and self._writes[0].done()):
-                self._writes.popleft().result()
-            while self._closes and (keep == 0 or self._closes[0].done()):
-                self._closes.popleft().result()
+            while self._queued and (keep is None or self._batches > keep or self._queued[0][0].done()):
+                done, is_batch = self._queued.popleft()
+                self._batches -= is_batch
+                done.result()
 
     def __enter__(self) -> _BatchWriter:
         return self
@@ -445,7 +447,7 @@ class _BatchWriter:
         failed = exc_type is not None
         try:
             if not failed:
-                self._wait(keep=0)
+                self._wait(keep=None)
         except BaseException:
             failed = True
             raise

@@ -359,18 +359,35 @@ def test_a_failed_background_fsync_fails_the_run_and_publishes_nothing(toy, conf
     assert list((Path(os.environ["T2I_DATA_ROOT"]) / "embeddings" / toy.version).iterdir()) == []
 
 
-def _assert_released(root: Path) -> None:
-    """No thread of the stage is left running and no file under `root` is still open."""
+@pytest.fixture
+def writers(monkeypatch):
+    """Every ParquetWriter the stage opens, kept alive: pyarrow closes a collected writer
+    itself, which would hide a file the stage failed to release."""
+    made = []
+
+    class Recorded(pq.ParquetWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(pq, "ParquetWriter", Recorded)
+    return made
+
+
+def _assert_released(root: Path, writers: list) -> None:
+    """No thread of the stage is left running and no file it opened under `root` is still open."""
     import threading
 
+    assert writers and not [w for w in writers if w.is_open]
     assert not [t.name for t in threading.enumerate() if t.name.startswith("embed-")]
-    held = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            held.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:  # closed since the listing
-            pass
-    assert not [path for path in held if path.startswith(str(root))]
+    if os.path.isdir("/proc/self/fd"):  # Linux: the descriptors themselves
+        held = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                held.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:  # closed since the listing
+                pass
+        assert not [path for path in held if path.startswith(str(root.resolve()))]
 
 
 # Shard 1 holds the run's last batch: when it fails, the loop has queued everything, so only
@@ -379,7 +396,7 @@ TWO_SHARDS = [["a red circle", "two blue squares", "x"], ["a green star"]]
 
 
 @pytest.mark.parametrize("stage", ["conversion", "write", "close", "fsync"])
-def test_a_failure_in_the_last_shards_last_batch_fails_the_run(stage, config, tmp_path, monkeypatch):
+def test_a_failure_in_the_last_shards_last_batch_fails_the_run(stage, config, tmp_path, monkeypatch, writers):
     from models.text_encoder import TokenizerPool
 
     broken, last = OSError(5, f"Input/output error in the {stage}"), "a green star"
@@ -395,7 +412,7 @@ def test_a_failure_in_the_last_shards_last_batch_fails_the_run(stage, config, tm
             raise broken
         original_fsync(path)
 
-    class Writer(pq.ParquetWriter):
+    class Writer(pq.ParquetWriter):  # the `writers` fixture's recording class
         def __init__(self, where, *args, **kwargs):
             self.path, self.closes = Path(where), 0
             super().__init__(where, *args, **kwargs)
@@ -421,39 +438,75 @@ def test_a_failure_in_the_last_shards_last_batch_fails_the_run(stage, config, tm
     encoder = build_encoder(config)
     with TokenizerPool(encoder, 0) as tokenize, pytest.raises(OSError, match=f"error in the {stage}"):
         write_caption_shards(encoder, TWO_SHARDS, tmp_path, 2, tokenize)
-    _assert_released(tmp_path)
+    _assert_released(tmp_path, writers)
 
 
-def test_an_encode_failure_stops_the_threads_and_releases_the_files(config, tmp_path, monkeypatch):
-    # Shard 0's conversions are slowed, so its second batch and its close are still queued
-    # when shard 1's encode fails: they are dropped, its file released and never fsynced.
-    import time
+def test_an_encode_failure_stops_the_threads_and_releases_the_files(config, tmp_path, monkeypatch, writers):
+    # Shard 0's conversions wait until the writer has dropped its queues, so its second batch
+    # and its close are still queued when shard 1's encode fails: they are dropped, the file
+    # released and never fsynced.
+    import threading
 
     from models.text_encoder import TokenizerPool
 
     class DeviceLost(RuntimeError):
         pass
 
+    dropped = threading.Event()
+
+    class Executor(embed_module.ThreadPoolExecutor):
+        def shutdown(self, wait=True, *, cancel_futures=False):
+            super().shutdown(wait=wait, cancel_futures=cancel_futures)
+            if cancel_futures:
+                dropped.set()
+
     original_encode, original_record_batch = embed_module._encode_batch, embed_module._caption_record_batch
-    synced = []
+    synced, late = [], []
 
     def encode(encoder, captions, *args):
         if "a green star" in captions:
             raise DeviceLost("CUDA error: an illegal memory access was encountered")
         return original_encode(encoder, captions, *args)
 
-    def slow_record_batch(*args):
-        time.sleep(0.5)
+    def held_record_batch(*args):
+        if not dropped.wait(timeout=20):
+            late.append(args[0])
         return original_record_batch(*args)
 
+    monkeypatch.setattr(embed_module, "ThreadPoolExecutor", Executor)
     monkeypatch.setattr(embed_module, "_encode_batch", encode)
-    monkeypatch.setattr(embed_module, "_caption_record_batch", slow_record_batch)
+    monkeypatch.setattr(embed_module, "_caption_record_batch", held_record_batch)
     monkeypatch.setattr(embed_module, "_fsync_file", synced.append)
     encoder = build_encoder(config)
     with TokenizerPool(encoder, 0) as tokenize, pytest.raises(DeviceLost):  # the cause, not an echo of the cleanup
         write_caption_shards(encoder, TWO_SHARDS, tmp_path, 2, tokenize)
-    _assert_released(tmp_path)
-    assert synced == []
+    _assert_released(tmp_path, writers)
+    assert synced == [] and late == []
+
+
+def test_queuing_a_files_close_never_waits_for_its_batches(tmp_path):
+    # Three batches fill the bound of queued writes; the close behind them takes no slot.
+    import threading
+
+    from tasks.embed import _BatchWriter, caption_schema
+
+    schema = caption_schema(4, 4)
+    written, returned, late = threading.Event(), [], []
+
+    def held_batch():  # until the close has been queued
+        if not written.wait(timeout=10):
+            late.append("a batch waited out its timeout: queuing the close waited for it")
+        return pa.RecordBatch.from_pylist([], schema=schema)
+
+    with _BatchWriter() as threads:
+        writer = threads.open(tmp_path / "part.parquet", schema)
+        for _ in range(3):
+            threads.add(writer, held_batch, 0, None)
+        closed = threads.close(writer)
+        returned.append(closed.done())
+        written.set()
+    assert late == [] and returned == [False]
+    assert closed.done() and pq.read_table(tmp_path / "part.parquet").num_rows == 0
 
 
 def test_caption_longer_than_the_context_is_truncated_as_open_clip_does(tmp_path, config, tiny_clip):
