@@ -11,9 +11,10 @@
 # sample 180 s, quality 540 s) run `cuda embed sample` and `quality` as two calls. On an H100 (eighth session) the
 # quality run took 545 s with QUALITY_TRAIN_SECONDS=200: its compile probe alone took 155 s.
 #
-# A machine without prefect, mlflow, duckdb, open_clip or diffusers can take them as wheels
-# in .whl/ (installed into /tmp/site). Each benchmark has its own time limit, so one that
-# hangs still leaves the others' figures.
+# A machine without duckdb, open_clip, pydantic, pydantic-settings or diffusers can take them as wheels
+# in .whl/ (installed into /tmp/site; `bash benchmarks/gpu_wheels.sh` fetches them; prefect
+# and mlflow are not needed). Each benchmark has its own time limit, so one that hangs still
+# leaves the others' figures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 wanted() { local name=$1; shift; [[ $# -eq 0 ]] || [[ " $* " == *" $name "* ]]; }  # wanted NAME SELECTED...: none selected = all
