@@ -7,8 +7,8 @@
 #   bash benchmarks/gpu_wheels.sh                  # for the device's Python 3.12
 #   PYVER=3.11 bash benchmarks/gpu_wheels.sh       # for another Python (e.g. to try the set here)
 #
-# Then pass `carry: [".whl"]` to the device call; gpu.sh installs them into /tmp/site itself.
-# .whl/ is kept out of git through .git/info/exclude (added here if missing).
+# Then pass `carry: [".whl"]` to the device call (.gitignore keeps .whl/ out of git); gpu.sh
+# installs them into /tmp/site itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -19,7 +19,6 @@ PYVER=${PYVER:-3.12}
 PACKAGES=(duckdb open_clip_torch ftfy wcwidth pydantic pydantic_core annotated-types typing-inspection
           pydantic-settings python-dotenv diffusers importlib_metadata)
 [[ -x $PY ]] || { echo "no $PY: run 'make install' first (the versions come from it)" >&2; exit 2; }
-grep -qxF /.whl/ .git/info/exclude 2>/dev/null || { mkdir -p .git/info && echo /.whl/ >>.git/info/exclude; }
 rm -rf .whl && mkdir .whl
 platforms=()
 for n in 17 24 27 28 31 34 35 39; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
