@@ -395,7 +395,6 @@ class _BatchWriter:
         self._arrow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-arrow")
         self._write = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-write")
         self._queued: deque[tuple[Future, bool]] = deque()  # (write or close, is a batch), in order
-        self._batches = 0  # batch writes in `_queued` (bounded; closes hold no batch)
         self._open: list[pq.ParquetWriter] = []  # files not yet seen closed
 
     def open(self, path: Path, schema: pa.Schema) -> pq.ParquetWriter:
@@ -421,7 +420,6 @@ class _BatchWriter:
                 on_batch(count)
 
         self._queued.append((self._write.submit(write), True))
-        self._batches += 1
         self._wait(keep=3)
 
     def close(self, writer: pq.ParquetWriter) -> Future:
@@ -435,10 +433,12 @@ class _BatchWriter:
         """Until at most `keep` batch writes are queued, or, with None, until everything queued is
         done; raises the first failed write or close in queue order."""
         with record_function("embed: wait for writes"):  # named for `benchmarks/embed.py --profile`
-            while self._queued and (keep is None or self._batches > keep or self._queued[0][0].done()):
-                done, is_batch = self._queued.popleft()
-                self._batches -= is_batch
-                done.result()
+            while self._queued and (keep is None or self._batches() > keep or self._queued[0][0].done()):
+                self._queued.popleft()[0].result()
+
+    def _batches(self) -> int:
+        """Batch writes queued (the bound counts these; a close holds no batch)."""
+        return sum(is_batch for _, is_batch in self._queued)
 
     def __enter__(self) -> _BatchWriter:
         return self
