@@ -180,6 +180,42 @@ def test_frozen_and_autocast():
     assert torch.isfinite(out.tokens.float()).all() and out.tokens.shape == (2, 77, 32)
 
 
+def _casts(enc: TextEncoder, text: torch.Tensor) -> tuple[TextEncoding, int]:
+    """enc.encode_tokens(text) under CPU bf16 autocast -> (its encoding, the dtype casts it ran)."""
+    from torch.profiler import profile
+
+    with profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = enc.encode_tokens(text)
+    return out, sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+
+def test_autocast_casts_the_block_weights_once(monkeypatch):
+    enc = _random(seed=3, layer="last")
+    text = enc.tokenize(CAPTIONS)
+    blocks = len(enc.clip.transformer.resblocks)
+    with monkeypatch.context() as m:  # autocast casting each weight on each call, as without the cache
+        m.setattr(TextEncoder, "_autocast_blocks", lambda self, blocks: blocks)
+        per_call, per_call_casts = _casts(enc, text)
+    first, _ = _casts(enc, text)  # makes the cast copy
+    cached, cached_casts = _casts(enc, text)
+    assert per_call_casts - cached_casts == 8 * blocks  # 4 matmuls' weight and bias per block
+    for out in (first, cached):  # the same bits: autocast casts to the same dtype
+        assert torch.equal(out.tokens, per_call.tokens) and torch.equal(out.pooled, per_call.pooled)
+    assert not any("cast" in key for key in enc.state_dict())
+    # Without autocast the float32 weights run; a change to them makes a new copy.
+    torch.testing.assert_close(enc.encode_tokens(text).tokens, per_call.tokens, rtol=0.05, atol=0.05)
+    with torch.no_grad():
+        enc.clip.transformer.resblocks[0].mlp.c_fc.weight.mul_(2)
+    edited, _ = _casts(enc, text)
+    with monkeypatch.context() as m:
+        m.setattr(TextEncoder, "_autocast_blocks", lambda self, blocks: blocks)
+        expected, _ = _casts(enc, text)
+    assert torch.equal(edited.tokens, expected.tokens) and not torch.equal(edited.tokens, cached.tokens)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(enc))._cast_blocks is None  # a worker's copy casts its own
+
+
 def test_long_caption_truncated_like_open_clip():
     enc = _random()
     caption = "a small red circle next to a big blue square " * 20
@@ -540,7 +576,7 @@ def test_device_move_keeps_working():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_placement_and_bf16_autocast():
+def test_cuda_placement_and_bf16_autocast(monkeypatch):
     cpu = _random(seed=4)
     ref = cpu.encode(CAPTIONS)
     gpu = TextEncoder(cpu.config, device="cuda")
@@ -569,3 +605,10 @@ def test_cuda_placement_and_bf16_autocast():
     assert shared.lengths.device.type == "cuda" and torch.equal(shared.mask, padded.mask)
     torch.testing.assert_close(shared.tokens, padded.tokens, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(shared.pooled, padded.pooled, rtol=1e-3, atol=1e-3)
+    # bf16 autocast on the device: the block weights cast once give autocast's own bits.
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        cast_once = gpu.encode_tokens(ids)
+        monkeypatch.setattr(TextEncoder, "_autocast_blocks", lambda self, blocks: blocks)
+        cast_per_call = gpu.encode_tokens(ids)
+    assert gpu._cast_blocks is not None and torch.equal(cast_once.tokens, cast_per_call.tokens)
+    assert torch.equal(cast_once.pooled, cast_per_call.pooled)
