@@ -39,6 +39,7 @@ import copy
 import hashlib
 import io
 import json
+import logging
 import os
 import platform
 import re
@@ -75,6 +76,8 @@ from tasks.prefect_compat import task
 from tasks.settings import get_settings
 
 
+log = logging.getLogger(__name__)
+
 # Bump when the layout or the meaning of the files changes; a set of another format is refused.
 EMBED_FORMAT = 1
 MANIFEST_NAME = "manifest.json"
@@ -85,6 +88,8 @@ EMBED_DTYPE = np.dtype("<f4")
 _ROWS_PER_READ = 65536
 TOKENIZE_CHUNK = 2048  # captions per tokenizer-worker task
 _PARTIAL = ".partial-"
+# A caption shard's pages are sent to the disk every this many bytes written (see `_Writeback`).
+WRITEBACK_BYTES = 32 << 20
 
 ROW_SCHEMA = pa.schema([("id", pa.string()), ("caption_id", pa.string())])
 
@@ -395,7 +400,7 @@ class _BatchWriter:
         self._arrow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-arrow")
         self._write = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-write")
         self._queued: deque[tuple[Future, bool]] = deque()  # (write or close, is a batch), in order
-        self._open: list[pq.ParquetWriter] = []  # files not yet seen closed
+        self._open: dict[pq.ParquetWriter, _Writeback] = {}  # files not yet seen closed
 
     def open(self, path: Path, schema: pa.Schema) -> pq.ParquetWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -406,16 +411,20 @@ class _BatchWriter:
             use_dictionary=False,
             write_statistics=["caption_id", "num_tokens"],
         )
-        self._open = [w for w in self._open if w.is_open] + [writer]
+        self._open = {w: b for w, b in self._open.items() if w.is_open or b.is_open}
+        self._open[writer] = _Writeback(path)
         return writer
 
     def add(self, writer: pq.ParquetWriter, record_batch: Callable[[], pa.RecordBatch], count: int,
             on_batch: Callable[[int], object] | None) -> None:
         """Queue one batch: `record_batch` runs in the arrow thread, its result is written in the write thread."""
         converted = self._arrow.submit(record_batch)
+        writeback = self._open[writer]
 
         def write() -> None:
-            writer.write_batch(converted.result())  # a failed conversion raises here, then in `_wait`
+            batch = converted.result()  # a failed conversion raises here, then in `_wait`
+            writer.write_batch(batch)
+            writeback.wrote(batch.nbytes)
             if on_batch is not None:
                 on_batch(count)
 
@@ -425,7 +434,15 @@ class _BatchWriter:
     def close(self, writer: pq.ParquetWriter) -> Future:
         """Queue the file's close behind its batches -> a future done when the file is complete.
         Never waits: a close holds no encoded batch."""
-        closed = self._write.submit(writer.close)
+        writeback = self._open[writer]
+
+        def close() -> None:
+            try:
+                writer.close()
+            finally:
+                writeback.close()
+
+        closed = self._write.submit(close)
         self._queued.append((closed, False))
         return closed
 
@@ -462,7 +479,8 @@ class _BatchWriter:
         """Close every file a shard cut short left open. Each is tried; a failure is raised only
         when no other error is on its way out (that one is the cause, this one its echo)."""
         errors = []
-        for writer in self._open:
+        for writer, writeback in self._open.items():
+            writeback.close()
             if writer.is_open:
                 try:
                     writer.close()
@@ -471,6 +489,39 @@ class _BatchWriter:
         self._open.clear()
         if errors and raise_error:
             raise errors[0]
+
+
+class _Writeback:
+    """Sends a file's written pages to the disk while it is still being written, so that its
+    fsync finds little left to do. On Linux `posix_fadvise(DONTNEED)` starts the writeback of
+    dirty pages without waiting for it (and drops pages already on disk from the cache). On
+    the CPU box a 400 MB shard's fsync after its close took 0.16-0.21 s; with a hint every
+    32 MiB, 0.001-0.03 s, for 0.05-0.09 s of hints spread over the writes. A hint is advice:
+    where the platform has none or it fails, the fsync does all the work, as before."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd: int | None = os.open(path, os.O_RDONLY) if hasattr(os, "posix_fadvise") else None
+        self._pending = 0  # bytes written since the last hint
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd is not None
+
+    def wrote(self, nbytes: int) -> None:
+        self._pending += nbytes
+        if self._fd is None or self._pending < WRITEBACK_BYTES:
+            return
+        self._pending = 0
+        try:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as error:  # advice only: the file's fsync still makes it durable
+            log.debug("no early writeback for this file (%s); its fsync writes it all", error)
+            self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
 def _queue_caption_shard(

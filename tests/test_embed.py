@@ -484,6 +484,65 @@ def test_an_encode_failure_stops_the_threads_and_releases_the_files(config, tmp_
     assert synced == [] and late == []
 
 
+def _descriptors_of(path: Path) -> int:
+    """How many of this process's descriptors are open on `path` (Linux; 0 elsewhere)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return 0
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        except OSError:  # closed since the listing
+            pass
+    return count
+
+
+def test_each_shard_is_sent_to_disk_while_it_is_written(config, tmp_path, monkeypatch, writers):
+    # Every WRITEBACK_BYTES written, the write thread advises the kernel to write the file's
+    # pages back (posix_fadvise DONTNEED), so its fsync after the close has little left to do.
+    from models.text_encoder import TokenizerPool
+
+    hints = []
+
+    def advise(fd, offset, length, advice):
+        hints.append((os.fstat(fd).st_ino, offset, length, advice))
+
+    monkeypatch.setattr(os, "posix_fadvise", advise, raising=False)
+    monkeypatch.setattr(os, "POSIX_FADV_DONTNEED", getattr(os, "POSIX_FADV_DONTNEED", 4), raising=False)
+    monkeypatch.setattr(embed_module, "WRITEBACK_BYTES", 1)  # after every batch
+    held_at_fsync, original_fsync = [], embed_module._fsync_file
+
+    def fsync(path):  # a file's own descriptors are closed with it, not at the end of the run
+        held_at_fsync.append(_descriptors_of(path))
+        original_fsync(path)
+
+    monkeypatch.setattr(embed_module, "_fsync_file", fsync)
+    encoder = build_encoder(config)
+    with TokenizerPool(encoder, 0) as tokenize:
+        names, _ = write_caption_shards(encoder, TWO_SHARDS, tmp_path, 2, tokenize)
+    if os.path.isdir("/proc/self/fd"):
+        assert held_at_fsync == [0, 0]
+    inode = {os.stat(tmp_path / name).st_ino: name for name in names}
+    advised = [(inode[ino], offset, length, advice) for ino, offset, length, advice in hints]
+    whole_file = (0, 0, os.POSIX_FADV_DONTNEED)
+    assert advised == [(names[0], *whole_file)] * 2 + [(names[1], *whole_file)]  # batches of 2: 2 + 1
+    _assert_released(tmp_path, writers)  # the descriptors the hints used are closed too
+
+    # Advice only: a platform that refuses it costs the hints, not the run.
+    def refuse(fd, offset, length, advice):
+        hints.append(fd)
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    hints.clear()
+    with TokenizerPool(encoder, 0) as tokenize:
+        write_caption_shards(encoder, TWO_SHARDS, tmp_path / "refused", 2, tokenize)
+    assert len(hints) == 2  # one per file, then none for it
+    for name in names:
+        assert pq.read_table(tmp_path / "refused" / name).equals(pq.read_table(tmp_path / name))
+    _assert_released(tmp_path, writers)
+
+
 def test_queuing_a_files_close_never_waits_for_its_batches(tmp_path):
     # Three batches fill the bound of queued writes; the close behind them takes no slot.
     import threading
