@@ -814,7 +814,8 @@ def write_caption_shards(
     workers while the one before it encodes, its first batches encode while the last ones
     of the shard before are still being written (one `_BatchWriter` for all shards), and a
     finished shard is fsynced in a background thread. A shard is ~25 KB per caption
-    (~400 MB at 16,384 captions), whose fsync took 0.35 s on the CPU box.
+    (~400 MB at 16,384 captions); its pages are sent to disk as it is written (`_Writeback`),
+    so the fsync the run ends with waits for little (on an H100: 0.02 s, 0.19 s before).
     """
     names, longest = [], 0
     syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-fsync")
