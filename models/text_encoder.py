@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Sequence
@@ -172,8 +173,8 @@ class TextEncoder(torch.nn.Module):
         }
         self.identity_id: str = _safe_id(f"{config.model_name}__{weights_id}__{config.layer}")
         # The text blocks with their matmul weights cast once for autocast (see `_autocast_blocks`):
-        # (what they were cast from, the copy). A tuple, so not a submodule: not in state_dict.
-        self._cast_blocks: tuple[tuple, torch.nn.ModuleList] | None = None
+        # (the dtype, what they were cast from, the copy). A tuple, so not a submodule: not in state_dict.
+        self._cast_blocks: tuple[torch.dtype, list[tuple[weakref.ref, int]], torch.nn.ModuleList] | None = None
 
     def train(self, mode: bool = True) -> TextEncoder:
         # Frozen by design: a parent module's .train() must not flip it out of eval.
@@ -302,8 +303,13 @@ class TextEncoder(torch.nn.Module):
         if not torch.is_autocast_enabled(device_type):
             return blocks
         dtype = torch.get_autocast_dtype(device_type)
-        key = (dtype, tuple((p.data_ptr(), p._version) for p in blocks.parameters()))
-        if self._cast_blocks is None or self._cast_blocks[0] != key:
+        # The very tensors the copy was made from (weak references: a new tensor may reuse a
+        # freed one's address), each unchanged since (its version counter).
+        source = list(blocks.parameters())
+        made = self._cast_blocks
+        if made is None or made[0] != dtype or len(made[1]) != len(source) or any(
+            ref() is not p or version != p._version for (ref, version), p in zip(made[1], source)
+        ):
             self._cast_blocks = None  # the old copy's memory back before the new one is made
             cast = copy.deepcopy(blocks)
             for block in cast:
@@ -311,8 +317,8 @@ class TextEncoder(torch.nn.Module):
                     for name in names:
                         if (weight := getattr(module, name)) is not None:  # a block built without biases has none
                             setattr(module, name, torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False))
-            self._cast_blocks = (key, cast)
-        return self._cast_blocks[1]
+            self._cast_blocks = (dtype, [(weakref.ref(p), p._version) for p in source], cast)
+        return self._cast_blocks[2]
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # a pickled encoder (a Dask worker's) makes its own copy

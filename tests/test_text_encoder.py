@@ -211,9 +211,16 @@ def test_autocast_casts_the_block_weights_once(monkeypatch):
         m.setattr(TextEncoder, "_autocast_blocks", lambda self, blocks: blocks)
         expected, _ = _casts(enc, text)
     assert torch.equal(edited.tokens, expected.tokens) and not torch.equal(edited.tokens, cached.tokens)
+    # A parameter replaced by another tensor, not edited, makes a new copy too.
+    fc = enc.clip.transformer.resblocks[1].mlp.c_fc
+    fc.weight = torch.nn.Parameter(fc.weight.detach() * 3, requires_grad=False)
+    replaced, _ = _casts(enc, text)
+    assert not torch.equal(replaced.tokens, edited.tokens)
+    assert enc._cast_blocks[2][1].mlp.c_fc.weight.dtype == torch.bfloat16
     import pickle
 
     assert pickle.loads(pickle.dumps(enc))._cast_blocks is None  # a worker's copy casts its own
+    torch.testing.assert_close(pickle.loads(pickle.dumps(enc)).encode_tokens(text).tokens, enc.encode_tokens(text).tokens)
 
 
 def test_long_caption_truncated_like_open_clip():
