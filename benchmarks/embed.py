@@ -287,7 +287,7 @@ def profile_shard(encoder, captions: list[str], pool: TokenizerPool, out: Path, 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
     t0 = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         write_caption_shards(encoder, [captions], out, batch, pool)
         synchronize(device)
     wall = time.perf_counter() - t0
@@ -298,6 +298,19 @@ def profile_shard(encoder, captions: list[str], pool: TokenizerPool, out: Path, 
         e.key: e.cpu_time_total / 1e6 for e in events if e.key.startswith("embed: ") and e.device_type == DeviceType.CPU
     }
     print("# encoding thread waited: " + ", ".join(f"{k[7:]} {v:.3f} s" for k, v in sorted(waits.items())), file=sys.stderr)
+    # Copies are the casts, the index tensors to the device and the results to the host: their
+    # input shapes tell which is which.
+    copies = sorted(
+        (e for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::copy_"),
+        key=lambda e: -e.self_cpu_time_total,
+    )
+    print("# aten::copy_ by input shapes, most host time first:", file=sys.stderr)
+    for e in copies[:10]:
+        print(
+            f"#   {e.count:5d} x {e.input_shapes}: {e.self_cpu_time_total / 1e3:.1f} ms of host time "
+            f"({e.self_cpu_time_total / e.count:.0f} us each)",
+            file=sys.stderr,
+        )
     if device.type == "cuda":
         # Kernels only: a launch's CPU event also carries its kernel's device time, and would count it twice.
         kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
