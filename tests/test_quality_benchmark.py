@@ -39,7 +39,7 @@ def test_check_targets_marks_each_target():
 def test_stage_modules_and_presets_load_without_prefect_or_mlflow():
     python_without(
         ("prefect", "mlflow", "dask", "distributed", "boto3"),
-        "import benchmarks.quality, benchmarks.train, benchmarks.embed, benchmarks.sample\n"
+        "import benchmarks.quality, benchmarks.train, benchmarks.embed, benchmarks.sample, benchmarks.host_copies\n"
         "import tasks.shapes, tasks.ingest, tasks.embed, tasks.train, tasks.evaluate\n"
         "from tasks.presets import load_preset\n"
         "load_preset('gpu-32px')\n",
