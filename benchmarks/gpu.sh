@@ -2,13 +2,13 @@
 # The GPU figures in one call, on one CUDA device: the tests that need CUDA, the embed, host-copy, train
 # and sample benchmarks and the gpu-32px quality run (benchmarks/quality.py).
 #
-#   bash benchmarks/gpu.sh                  # all six; results as JSON lines in $OUT (default ./gpu-results)
-#   bash benchmarks/gpu.sh cuda embed sample   # only these (names: cuda, embed, copies, train64, sample, quality)
+#   bash benchmarks/gpu.sh                  # all seven; results as JSON lines in $OUT (default ./gpu-results)
+#   bash benchmarks/gpu.sh cuda embed sample   # only these (names: cuda, embed, copies, spy, train64, sample, quality)
 #   QUALITY_TRAIN_SECONDS=600 QUALITY_LIMIT=1000 bash benchmarks/gpu.sh quality   # a longer training budget (off the device tool)
 #   QUALITY_SET="train.loss_weight_floor=0 shapes.n_images=10000" bash benchmarks/gpu.sh quality   # preset overrides
 #
 # One device call runs at most 600 s: with the default limits (cuda 120 s, embed 120 s, copies 60 s,
-# sample 180 s, quality 540 s) run `cuda embed copies sample` and `quality` as two calls. On an H100 (eighth session) the
+# spy 150 s, sample 180 s, quality 540 s) run `cuda embed copies spy` and `sample quality` as two calls. On an H100 (eighth session) the
 # quality run took 545 s with QUALITY_TRAIN_SECONDS=200: its compile probe alone took 155 s.
 #
 # A machine without duckdb, open_clip, pydantic, pydantic-settings or diffusers can take them as wheels
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 wanted() { local name=$1; shift; [[ $# -eq 0 ]] || [[ " $* " == *" $name "* ]]; }  # wanted NAME SELECTED...: none selected = all
 selected=("$@")
 for name in "${selected[@]}"; do
-    case $name in cuda | embed | copies | train64 | sample | quality) ;; *) echo "unknown benchmark '$name': choose from cuda, embed, copies, train64, sample, quality" >&2; exit 2 ;; esac
+    case $name in cuda | embed | copies | spy | train64 | sample | quality) ;; *) echo "unknown benchmark '$name': choose from cuda, embed, copies, spy, train64, sample, quality" >&2; exit 2 ;; esac
 done
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -53,6 +53,20 @@ fi
 if wanted copies "${selected[@]}"; then
     # The embed stage's copies between host and device against the alternatives, host time per call.
     run copies "${COPIES_LIMIT:-60}" python3 benchmarks/host_copies.py
+fi
+if wanted spy "${selected[@]}"; then
+    # The embed benchmark again under py-spy (every thread, native frames too; gpu_wheels.sh
+    # fetches it), summarized per thread by benchmarks/spy_summary.py: where the host's time goes.
+    spy=$(command -v py-spy || echo /tmp/site/bin/py-spy)
+    if [[ -x $spy ]]; then
+        run spy "${SPY_LIMIT:-150}" "$spy" record --threads --idle --native -r 200 --format raw -o /tmp/embed-spy.raw -- \
+            python3 benchmarks/embed.py --device cuda --captions 100000 --batch 1024 --naive-captions 64 --tokenize-captions 1000
+        python3 benchmarks/spy_summary.py /tmp/embed-spy.raw --top 15 >"$OUT/spy.txt" 2>&1
+        gzip -c /tmp/embed-spy.raw >"$OUT/embed-spy.raw.gz"
+        head -c 3000 "$OUT/spy.txt"
+    else
+        echo "== spy: no py-spy here (bash benchmarks/gpu_wheels.sh fetches it)"
+    fi
 fi
 if wanted train64 "${selected[@]}"; then
     run train64 "${TRAIN_LIMIT:-360}" python3 benchmarks/train.py --device cuda --resolution 64 \

@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 PYVER=${PYVER:-3.12}
+PYSPY_VERSION=0.4.3
 # What `tasks.embed`, `tasks.settings` and open_clip import beyond that image, and diffusers
 # for train64's baseline (prefect and mlflow are optional there: tasks.prefect_compat and the
 # benchmarks run without them).
@@ -27,6 +28,8 @@ for name in "${PACKAGES[@]}"; do
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
         "${platforms[@]}" --platform manylinux2014_x86_64 -d .whl "$name==$version"
 done
+# py-spy, for `gpu.sh spy`: a profiler, not a dependency, so not in .venv; one static binary.
+"$PY" -m pip download -q --no-deps --only-binary=:all: --platform manylinux1_x86_64 -d .whl "py-spy==$PYSPY_VERSION"
 ls -1 .whl
 size=$(du -sm .whl | cut -f1)
 echo "$(ls .whl | wc -l) wheels, ${size} MiB (a device call carries at most 64 MiB in all)"
