@@ -173,8 +173,9 @@ class TextEncoder(torch.nn.Module):
         }
         self.identity_id: str = _safe_id(f"{config.model_name}__{weights_id}__{config.layer}")
         # The text blocks with their matmul weights cast once for autocast (see `_autocast_blocks`):
-        # (the dtype, what they were cast from, the copy). A tuple, so not a submodule: not in state_dict.
-        self._cast_blocks: tuple[torch.dtype, list[tuple[weakref.ref, int]], torch.nn.ModuleList] | None = None
+        # (the dtype, what they were cast from and its state, the copy). A tuple, so not a
+        # submodule: not in state_dict.
+        self._cast_blocks: tuple[torch.dtype, list[tuple[weakref.ref, tuple]], torch.nn.ModuleList] | None = None
 
     def train(self, mode: bool = True) -> TextEncoder:
         # Frozen by design: a parent module's .train() must not flip it out of eval.
@@ -296,29 +297,40 @@ class TextEncoder(torch.nn.Module):
         precision. Autocast would cast each of them again on every call (it caches casts only
         of weights that require grad, and these are frozen): 8 cast kernels per block per batch,
         ~40% of the tower's launches on a GPU, where the host's launches bound the stage. The
-        results are the same bits: autocast casts to the same dtype, and layer norms and layer
-        scales keep their float32 weights. Made on first use and again whenever the weights
-        change (moved, reloaded, edited in place)."""
+        results are the same bits: the copy casts what autocast casts (float32, float16 and
+        bfloat16 weights, not float64) to the same dtype, and layer norms and layer scales keep
+        their own weights.
+
+        Made on first use, and again when any block parameter is another tensor, lives on another
+        device or in another dtype, or was changed in place (its version counter). An edit through
+        `.data` bypasses the version counter: after one, call `forget_cast_blocks()`."""
         device_type = blocks[0].ln_1.weight.device.type
         if not torch.is_autocast_enabled(device_type):
             return blocks
         dtype = torch.get_autocast_dtype(device_type)
-        # The very tensors the copy was made from (weak references: a new tensor may reuse a
-        # freed one's address), each unchanged since (its version counter).
         source = list(blocks.parameters())
+        state = [_parameter_state(p) for p in source]
         made = self._cast_blocks
-        if made is None or made[0] != dtype or len(made[1]) != len(source) or any(
-            ref() is not p or version != p._version for (ref, version), p in zip(made[1], source)
+        if made is not None and made[0] == dtype and len(made[1]) == len(source) and all(
+            ref() is p and seen == now for (ref, seen), p, now in zip(made[1], source, state)
         ):
-            self._cast_blocks = None  # the old copy's memory back before the new one is made
-            cast = copy.deepcopy(blocks)
-            for block in cast:
-                for module, names in _matmul_weights(block):
-                    for name in names:
-                        if (weight := getattr(module, name)) is not None:  # a block built without biases has none
-                            setattr(module, name, torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False))
-            self._cast_blocks = (dtype, [(weakref.ref(p), p._version) for p in source], cast)
-        return self._cast_blocks[2]
+            return made[2]
+        self._cast_blocks = None  # the old copy's memory back before the new one is made
+        cast = {
+            id(weight): torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+            for block in blocks
+            for weight in _matmul_weights(block)
+            if weight.dtype in _AUTOCAST_ELIGIBLE
+        }
+        if not cast:  # nothing autocast would cast (float64 weights): the blocks as they are
+            return blocks
+        copied = copy.deepcopy(blocks, memo=dict(cast))  # the cast weights go in as they are, not copied first
+        self._cast_blocks = (dtype, [(weakref.ref(p), now) for p, now in zip(source, state)], copied)
+        return copied
+
+    def forget_cast_blocks(self) -> None:
+        """Drop the autocast copy of the blocks (see `_autocast_blocks`); the next call makes a new one."""
+        self._cast_blocks = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # a pickled encoder (a Dask worker's) makes its own copy
@@ -505,14 +517,23 @@ def _block_over_prefixes(block: torch.nn.Module, x: torch.Tensor, plan: _TriePla
     return h + block.ls_2(block.mlp(block.ln_2(h)))
 
 
-def _matmul_weights(block: torch.nn.Module) -> list[tuple[torch.nn.Module, tuple[str, ...]]]:
-    """The matmul parameters of a plain open_clip block (see `_shares_prefixes`), by module."""
-    return [
-        (block.attn, ("in_proj_weight", "in_proj_bias")),
-        (block.attn.out_proj, ("weight", "bias")),
-        (block.mlp.c_fc, ("weight", "bias")),
-        (block.mlp.c_proj, ("weight", "bias")),
-    ]
+# The dtypes autocast casts (it leaves float64 alone).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _matmul_weights(block: torch.nn.Module) -> list[torch.Tensor]:
+    """The matmul weights and biases of a plain open_clip block (see `_shares_prefixes`)."""
+    attn, mlp = block.attn, block.mlp
+    pairs = [(attn.in_proj_weight, attn.in_proj_bias), (attn.out_proj.weight, attn.out_proj.bias),
+             (mlp.c_fc.weight, mlp.c_fc.bias), (mlp.c_proj.weight, mlp.c_proj.bias)]  # fmt: skip
+    return [t for pair in pairs for t in pair if t is not None]  # a block built without biases has none
+
+
+def _parameter_state(p: torch.Tensor) -> tuple:
+    """What `_autocast_blocks` compares to tell a parameter unchanged: where its data is, its
+    dtype, and its version counter (inference tensors have none; they cannot change in place
+    outside inference mode)."""
+    return (p.device, p.dtype, p.data_ptr(), None if p.is_inference() else p._version)
 
 
 def _project(t: _TextModules, pooled: torch.Tensor) -> torch.Tensor:

@@ -223,6 +223,43 @@ def test_autocast_casts_the_block_weights_once(monkeypatch):
     torch.testing.assert_close(pickle.loads(pickle.dumps(enc)).encode_tokens(text).tokens, enc.encode_tokens(text).tokens)
 
 
+def _without_cache(monkeypatch, enc: TextEncoder, text: torch.Tensor) -> TextEncoding:
+    with monkeypatch.context() as m:
+        m.setattr(TextEncoder, "_autocast_blocks", lambda self, blocks: blocks)
+        return _casts(enc, text)[0]
+
+
+def test_autocast_copy_follows_dtype_moves_float64_and_inference_tensors(monkeypatch):
+    enc = _random(seed=5, layer="last")
+    text = enc.tokenize(CAPTIONS)
+    _casts(enc, text)
+    made = enc._cast_blocks[2]
+    fc = enc.clip.transformer.resblocks[0].mlp.c_fc
+    # The copy holds the cast matmul weights only once: they were not deep-copied in float32 first.
+    assert made[0].mlp.c_fc.weight.dtype == torch.bfloat16 and made[0].ln_1.weight is not enc.clip.transformer.resblocks[0].ln_1.weight
+    # Module.to() keeps the Parameter objects and their version counters: the dtype tells.
+    for dtype in (torch.bfloat16, torch.float32):  # (a float16 tower has no CPU layer norm under autocast)
+        enc.to(dtype)
+        out = _casts(enc, text)[0]
+        assert enc._cast_blocks[2] is not made and torch.equal(out.tokens, _without_cache(monkeypatch, enc, text).tokens)
+        made = enc._cast_blocks[2]
+    # Autocast leaves float64 alone, and so does the copy.
+    enc.to(torch.float64)
+    assert fc.weight.dtype == torch.float64
+    assert torch.equal(_casts(enc, text)[0].tokens, _without_cache(monkeypatch, enc, text).tokens)
+    # An edit through .data bypasses the version counter: forget_cast_blocks() is the way out.
+    enc.to(torch.float32)
+    _casts(enc, text)
+    fc.weight.data.mul_(2)
+    enc.forget_cast_blocks()
+    assert torch.equal(_casts(enc, text)[0].tokens, _without_cache(monkeypatch, enc, text).tokens)
+    # Built under inference mode, its parameters have no version counter.
+    with torch.inference_mode():
+        frozen = _random(seed=5, layer="last")
+    assert frozen.clip.transformer.resblocks[0].mlp.c_fc.weight.is_inference()
+    assert torch.equal(_casts(frozen, text)[0].tokens, _without_cache(monkeypatch, frozen, text).tokens)
+
+
 def test_long_caption_truncated_like_open_clip():
     enc = _random()
     caption = "a small red circle next to a big blue square " * 20
