@@ -480,10 +480,10 @@ class _BatchWriter:
         when no other error is on its way out (that one is the cause, this one its echo)."""
         errors = []
         for writer, writeback in self._open.items():
-            writeback.close()
-            if writer.is_open:
+            for release in (writeback.close, writer.close if writer.is_open else None):
                 try:
-                    writer.close()
+                    if release is not None:
+                        release()
                 except Exception as error:  # noqa: BLE001 - collected, raised below or superseded
                     errors.append(error)
         self._open.clear()
@@ -500,8 +500,13 @@ class _Writeback:
     where the platform has none or it fails, the fsync does all the work, as before."""
 
     def __init__(self, path: Path) -> None:
-        self._fd: int | None = os.open(path, os.O_RDONLY) if hasattr(os, "posix_fadvise") else None
+        self._fd: int | None = None
         self._pending = 0  # bytes written since the last hint
+        if hasattr(os, "posix_fadvise"):
+            try:
+                self._fd = os.open(path, os.O_RDONLY)
+            except OSError as error:  # out of descriptors, say: the file is written all the same
+                log.debug("no early writeback for %s (%s); its fsync writes it all", path, error)
 
     @property
     def is_open(self) -> bool:
