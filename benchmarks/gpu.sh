@@ -7,8 +7,9 @@
 #   QUALITY_TRAIN_SECONDS=600 QUALITY_LIMIT=1000 bash benchmarks/gpu.sh quality   # a longer training budget (off the device tool)
 #   QUALITY_SET="train.loss_weight_floor=0 shapes.n_images=10000" bash benchmarks/gpu.sh quality   # preset overrides
 #
-# One device call runs at most 600 s: with the default limits (cuda 120 s, embed 120 s, copies 60 s,
-# spy 150 s, sample 180 s, quality 540 s) run `cuda embed copies spy` and `sample quality` as two calls. On an H100 (eighth session) the
+# One device call runs at most 600 s. With the default limits (cuda 120 s, embed 120 s, copies 60 s,
+# spy 150 s, train64 360 s, sample 180 s, quality 540 s) keep each call's sum under that:
+# e.g. `cuda embed copies spy`, then `train64 sample`, then `quality`. On an H100 (eighth session) the
 # quality run took 545 s with QUALITY_TRAIN_SECONDS=200: its compile probe alone took 155 s.
 #
 # A machine without duckdb, open_clip, pydantic, pydantic-settings or diffusers can take them as wheels
@@ -36,7 +37,8 @@ run() {  # run NAME SECONDS CMD...: stdout's JSON line to $OUT/NAME.json, the lo
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit}s)"
-    timeout "$limit" "$@" >"$OUT/$name.json" 2>"$OUT/$name.log"
+    # SIGINT at the limit (py-spy saves its profile only on that), SIGKILL 15 s later.
+    timeout -s INT -k 15 "$limit" "$@" >"$OUT/$name.json" 2>"$OUT/$name.log"
     echo "rc=$? $(tail -c 2000 "$OUT/$name.json")"
 }
 
@@ -59,6 +61,7 @@ if wanted spy "${selected[@]}"; then
     # fetches it), summarized per thread by benchmarks/spy_summary.py: where the host's time goes.
     spy=$(command -v py-spy || echo /tmp/site/bin/py-spy)
     if [[ -x $spy ]]; then
+        rm -f /tmp/embed-spy.raw  # never an earlier run's profile
         run spy "${SPY_LIMIT:-150}" "$spy" record --threads --idle --native -r 200 --format raw -o /tmp/embed-spy.raw -- \
             python3 benchmarks/embed.py --device cuda --captions 100000 --batch 1024 --naive-captions 64 --tokenize-captions 1000
         python3 benchmarks/spy_summary.py /tmp/embed-spy.raw --top 15 >"$OUT/spy.txt" 2>&1

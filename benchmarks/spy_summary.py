@@ -21,6 +21,7 @@ from pathlib import Path
 
 OWN_CODE = re.compile(r"\((?:[^()]*/)?(?:models|tasks|benchmarks)/[^()]*:\d+\)$")
 THREAD = re.compile(r"^thread \(\d+\)(?:: (.*))?$")
+BARE_ADDRESS = re.compile(r"^0x[0-9a-fA-F]+ (\(.*\))$")  # a native frame without a symbol: '0x7f... (libc.so.6)'
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +55,7 @@ def summarize(lines: list[str], within: str, threads: str = "") -> dict[str, dic
             continue
         own = [f for f in frames if OWN_CODE.search(f)]
         out[thread]["samples"]["all"] += n
-        out[thread]["leaf"][frames[-1]] += n
+        out[thread]["leaf"][BARE_ADDRESS.sub(r"? \1", frames[-1])] += n  # one row per library, not per address
         out[thread]["own"][own[-1] if own else "(outside the project's code)"] += n
     return out
 
