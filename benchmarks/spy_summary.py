@@ -42,9 +42,10 @@ def thread_name(frame: str) -> str:
 
 
 def summarize(lines: list[str], within: str, threads: str = "") -> dict[str, dict[str, Counter]]:
-    """Raw lines -> {thread: {"samples": Counter, "leaf": Counter, "own": Counter}} over the
-    samples whose stack passes through `within` or whose thread's name starts with `threads`."""
-    out: dict[str, dict[str, Counter]] = defaultdict(lambda: {"samples": Counter(), "leaf": Counter(), "own": Counter()})
+    """Raw lines -> {thread: {"leaf": Counter, "own": Counter}} over the samples whose stack
+    passes through `within` or whose thread's name starts with `threads`; each table's counts
+    add up to the thread's samples."""
+    out: dict[str, dict[str, Counter]] = defaultdict(lambda: {"leaf": Counter(), "own": Counter()})
     for line in lines:
         stack, _, count = line.rstrip("\n").rpartition(" ")
         if not stack or not count.isdigit():
@@ -54,7 +55,6 @@ def summarize(lines: list[str], within: str, threads: str = "") -> dict[str, dic
         if not (any(within in f for f in frames) or (threads and thread.startswith(threads))):
             continue
         own = [f for f in frames if OWN_CODE.search(f)]
-        out[thread]["samples"]["all"] += n
         out[thread]["leaf"][BARE_ADDRESS.sub(r"? \1", frames[-1])] += n  # one row per library, not per address
         out[thread]["own"][own[-1] if own else "(outside the project's code)"] += n
     return out
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> str:
     if not threads:
         raise SystemExit(f"no sample in {args.raw} passes through {args.within!r} or is of a thread {args.threads}*")
     report = []
-    for thread, tables in sorted(threads.items(), key=lambda kv: -kv[1]["samples"]["all"]):
-        total = tables["samples"]["all"]
+    for thread, tables in sorted(threads.items(), key=lambda kv: -kv[1]["leaf"].total()):
+        total = tables["leaf"].total()
         report.append(f"== {thread}: {total} samples")
         for title in ("leaf", "own"):
             report.append(f"  {'leaf frames' if title == 'leaf' else 'deepest own-code frames'}:")

@@ -480,10 +480,9 @@ class _BatchWriter:
         when no other error is on its way out (that one is the cause, this one its echo)."""
         errors = []
         for writer, writeback in self._open.items():
-            for release in (writeback.close, writer.close if writer.is_open else None):
+            for release in [writeback.close] + ([writer.close] if writer.is_open else []):
                 try:
-                    if release is not None:
-                        release()
+                    release()
                 except Exception as error:  # noqa: BLE001 - collected, raised below or superseded
                     errors.append(error)
         self._open.clear()

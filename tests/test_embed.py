@@ -380,14 +380,20 @@ def _assert_released(root: Path, writers: list) -> None:
 
     assert writers and not [w for w in writers if w.is_open]
     assert not [t.name for t in threading.enumerate() if t.name.startswith("embed-")]
-    if os.path.isdir("/proc/self/fd"):  # Linux: the descriptors themselves
-        held = []
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                held.append(os.readlink(f"/proc/self/fd/{fd}"))
-            except OSError:  # closed since the listing
-                pass
-        assert not [path for path in held if path.startswith(str(root.resolve()))]
+    assert not [path for path in _open_files() if path.startswith(str(root.resolve()))]
+
+
+def _open_files() -> list[str]:
+    """The paths this process's descriptors are open on (Linux: /proc/self/fd; none elsewhere)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return []
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # closed since the listing
+            pass
+    return held
 
 
 # Shard 1 holds the run's last batch: when it fails, the loop has queued everything, so only
@@ -484,19 +490,6 @@ def test_an_encode_failure_stops_the_threads_and_releases_the_files(config, tmp_
     assert synced == [] and late == []
 
 
-def _descriptors_of(path: Path) -> int:
-    """How many of this process's descriptors are open on `path` (Linux; 0 elsewhere)."""
-    if not os.path.isdir("/proc/self/fd"):
-        return 0
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
-        except OSError:  # closed since the listing
-            pass
-    return count
-
-
 def test_each_shard_is_sent_to_disk_while_it_is_written(config, tmp_path, monkeypatch, writers):
     # Every WRITEBACK_BYTES written, the write thread advises the kernel to write the file's
     # pages back (posix_fadvise DONTNEED), so its fsync after the close has little left to do.
@@ -513,7 +506,7 @@ def test_each_shard_is_sent_to_disk_while_it_is_written(config, tmp_path, monkey
     held_at_fsync, original_fsync = [], embed_module._fsync_file
 
     def fsync(path):  # a file's own descriptors are closed with it, not at the end of the run
-        held_at_fsync.append(_descriptors_of(path))
+        held_at_fsync.append(_open_files().count(str(path)))
         original_fsync(path)
 
     monkeypatch.setattr(embed_module, "_fsync_file", fsync)

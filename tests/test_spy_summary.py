@@ -21,7 +21,7 @@ def test_threads_leaves_and_own_frames_within_the_shard_loop():
     threads = summarize(RAW.splitlines(), "write_caption_shards", "embed-")
     assert set(threads) == {"MainThread", "embed-arrow", "embed-write"}  # the naive loop and other threads left out
     main_thread = threads["MainThread"]
-    assert main_thread["samples"]["all"] == 8
+    assert main_thread["leaf"].total() == main_thread["own"].total() == 8
     assert main_thread["leaf"] == {"cudaMemcpyAsync (libcudart.so)": 6, "pthread_cond_wait (libc.so.6)": 2}
     assert main_thread["own"] == {"encode_tokens (models/text_encoder.py:230)": 6, "_wait (tasks/embed.py:450)": 2}
     assert threads["embed-arrow"]["own"] == {"_caption_record_batch (tasks/embed.py:640)": 3}

@@ -189,13 +189,18 @@ def _casts(enc: TextEncoder, text: torch.Tensor) -> tuple[TextEncoding, int]:
     return out, sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
 
 
+def _without_cache(monkeypatch, enc: TextEncoder, text: torch.Tensor) -> tuple[TextEncoding, int]:
+    """`_casts` with autocast casting each weight on each call, as without the cast copy."""
+    with monkeypatch.context() as m:
+        m.setattr(TextEncoder, "_autocast_blocks", lambda self, blocks: blocks)
+        return _casts(enc, text)
+
+
 def test_autocast_casts_the_block_weights_once(monkeypatch):
     enc = _random(seed=3, layer="last")
     text = enc.tokenize(CAPTIONS)
     blocks = len(enc.clip.transformer.resblocks)
-    with monkeypatch.context() as m:  # autocast casting each weight on each call, as without the cache
-        m.setattr(TextEncoder, "_autocast_blocks", lambda self, blocks: blocks)
-        per_call, per_call_casts = _casts(enc, text)
+    per_call, per_call_casts = _without_cache(monkeypatch, enc, text)
     first, _ = _casts(enc, text)  # makes the cast copy
     cached, cached_casts = _casts(enc, text)
     assert per_call_casts - cached_casts == 8 * blocks  # 4 matmuls' weight and bias per block
@@ -207,9 +212,7 @@ def test_autocast_casts_the_block_weights_once(monkeypatch):
     with torch.no_grad():
         enc.clip.transformer.resblocks[0].mlp.c_fc.weight.mul_(2)
     edited, _ = _casts(enc, text)
-    with monkeypatch.context() as m:
-        m.setattr(TextEncoder, "_autocast_blocks", lambda self, blocks: blocks)
-        expected, _ = _casts(enc, text)
+    expected, _ = _without_cache(monkeypatch, enc, text)
     assert torch.equal(edited.tokens, expected.tokens) and not torch.equal(edited.tokens, cached.tokens)
     # A parameter replaced by another tensor, not edited, makes a new copy too.
     fc = enc.clip.transformer.resblocks[1].mlp.c_fc
@@ -221,12 +224,6 @@ def test_autocast_casts_the_block_weights_once(monkeypatch):
 
     assert pickle.loads(pickle.dumps(enc))._cast_blocks is None  # a worker's copy casts its own
     torch.testing.assert_close(pickle.loads(pickle.dumps(enc)).encode_tokens(text).tokens, enc.encode_tokens(text).tokens)
-
-
-def _without_cache(monkeypatch, enc: TextEncoder, text: torch.Tensor) -> TextEncoding:
-    with monkeypatch.context() as m:
-        m.setattr(TextEncoder, "_autocast_blocks", lambda self, blocks: blocks)
-        return _casts(enc, text)[0]
 
 
 def test_autocast_copy_follows_dtype_moves_float64_and_inference_tensors(monkeypatch):
@@ -241,23 +238,23 @@ def test_autocast_copy_follows_dtype_moves_float64_and_inference_tensors(monkeyp
     for dtype in (torch.bfloat16, torch.float32):  # (a float16 tower has no CPU layer norm under autocast)
         enc.to(dtype)
         out = _casts(enc, text)[0]
-        assert enc._cast_blocks[2] is not made and torch.equal(out.tokens, _without_cache(monkeypatch, enc, text).tokens)
+        assert enc._cast_blocks[2] is not made and torch.equal(out.tokens, _without_cache(monkeypatch, enc, text)[0].tokens)
         made = enc._cast_blocks[2]
     # Autocast leaves float64 alone, and so does the copy.
     enc.to(torch.float64)
     assert fc.weight.dtype == torch.float64
-    assert torch.equal(_casts(enc, text)[0].tokens, _without_cache(monkeypatch, enc, text).tokens)
+    assert torch.equal(_casts(enc, text)[0].tokens, _without_cache(monkeypatch, enc, text)[0].tokens)
     # An edit through .data bypasses the version counter: forget_cast_blocks() is the way out.
     enc.to(torch.float32)
     _casts(enc, text)
     fc.weight.data.mul_(2)
     enc.forget_cast_blocks()
-    assert torch.equal(_casts(enc, text)[0].tokens, _without_cache(monkeypatch, enc, text).tokens)
+    assert torch.equal(_casts(enc, text)[0].tokens, _without_cache(monkeypatch, enc, text)[0].tokens)
     # Built under inference mode, its parameters have no version counter.
     with torch.inference_mode():
         frozen = _random(seed=5, layer="last")
     assert frozen.clip.transformer.resblocks[0].mlp.c_fc.weight.is_inference()
-    assert torch.equal(_casts(frozen, text)[0].tokens, _without_cache(monkeypatch, frozen, text).tokens)
+    assert torch.equal(_casts(frozen, text)[0].tokens, _without_cache(monkeypatch, frozen, text)[0].tokens)
 
 
 def test_long_caption_truncated_like_open_clip():
