@@ -17,7 +17,10 @@ distinct shapes-style captions of varied length (or the distinct captions of
 line: captions/s of each, `speedup` = batched / naive, bytes written per caption, the
 tokenizer's own captions/s in one process (and `tokenize_speedup` over open_clip's own
 tokenizer, which gives the same ids) and over the pool, and the targets (>= 10x on CPU; >= 25,000 captions/s for
-ViT-B-32 at batch 1024 on an H100).
+ViT-B-32 at batch 1024 on an H100). On a GPU the batched path runs twice per round on the same
+captions, without and with `embed.cuda_graphs` (`--cuda-graphs`): `graphs_captions_per_s`
+includes capturing each new batch shape, as a stage run would; `rounds_captions_per_s` shows
+each round alone.
 
     python benchmarks/embed.py                                                  # CPU, ViT-B-32
     python benchmarks/embed.py --device cuda --captions 100000 --batch 1024     # GPU
@@ -32,6 +35,7 @@ import argparse
 import json
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -80,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--captions-from", type=Path, default=None, metavar="PATH",
         help="take the distinct captions of these Parquet files (a file, or a folder searched recursively, "
         "rejects.parquet skipped; a `caption` column) instead of generated ones, in a seeded shuffle",
+    )  # fmt: skip
+    p.add_argument(
+        "--cuda-graphs", choices=["off", "on", "both"], default=None,
+        help="the batched path without or with embed.cuda_graphs (CUDA graphs of the text tower), or both "
+        "in alternation, each on the same captions (default: both on a GPU, off on the CPU, which has none)",
     )  # fmt: skip
     p.add_argument(
         "--profile", action="store_true",
@@ -134,8 +143,11 @@ def main(argv: list[str] | None = None) -> dict:
     n = args.captions or (100_000 if gpu else 256)
     n_naive = args.naive_captions or (512 if gpu else 16)
     batch = args.batch or (1024 if gpu else 256)
+    graph_modes = {"off": [False], "on": [True], "both": [False, True]}[args.cuda_graphs or ("both" if gpu else "off")]
 
-    encoder = TextEncoder(TextEncoderConfig(args.model, allow_random_init=True), device=device)
+    encoder = TextEncoder(TextEncoderConfig(args.model, allow_random_init=True), device=device, cuda_graphs=True)
+    if True in graph_modes and encoder._graph_cache(device) is None:
+        raise SystemExit(f"--cuda-graphs {args.cuda_graphs}: CUDA graphs need a CUDA device, and this run is on {device}")
     if args.captions_from is not None:
         captions = read_captions(args.captions_from, args.seed)
         n = min(n, len(captions) - batch - n_naive)
@@ -154,12 +166,18 @@ def main(argv: list[str] | None = None) -> dict:
     pool_start_s = time.perf_counter() - t0
 
     # Rounds alternate the two paths, so a neighbour's load on a shared machine hits both alike.
-    naive_s = single_s = batched_s = 0.0
+    naive_s = single_s = 0.0
+    batched_s = dict.fromkeys(graph_modes, 0.0)  # per embed.cuda_graphs setting
+    round_rates: dict[bool, list[float]] = {mode: [] for mode in graph_modes}
     shard_bytes, max_tokens = 0, 0
+    trie_error: dict[bool, float] = {}
     with tempfile.TemporaryDirectory() as tmp, pool:
-        write_caption_shard(encoder, warmup, Path(tmp) / "warmup.parquet", batch)  # kernels, allocator, BPE cache
-        trie_error = shared_vs_padded(encoder, warmup[:64], device)  # also warms the naive loop's path
+        for mode in graph_modes:
+            encoder.cuda_graphs = mode
+            write_caption_shard(encoder, warmup, Path(tmp) / "warmup.parquet", batch)  # kernels, allocator, BPE cache
+            trie_error[mode] = shared_vs_padded(encoder, warmup[:64], device)  # also warms the naive loop's path
         for r in range(args.rounds):
+            encoder.cuda_graphs = False  # the one-caption loops run as a hand-rolled script would
             synchronize(device)
             t0 = time.perf_counter()
             for caption in naive[r :: args.rounds]:
@@ -179,16 +197,25 @@ def main(argv: list[str] | None = None) -> dict:
 
             part = batched[r :: args.rounds]
             shards = [part[i : i + args.shard] for i in range(0, len(part), args.shard)]
-            out = Path(tmp) / f"round-{r:02d}"
-            t0 = time.perf_counter()
-            names, longest = write_caption_shards(encoder, shards, out, batch, pool)  # the stage's shard loop
-            synchronize(device)
-            batched_s += time.perf_counter() - t0
-            max_tokens = max(max_tokens, longest)
-            shard_bytes += sum((out / name).stat().st_size for name in names)
+            for mode in graph_modes:  # the same captions for each setting; a new shape is captured in the timing
+                encoder.cuda_graphs = mode
+                out = Path(tmp) / f"round-{r:02d}-graphs-{mode}"
+                t0 = time.perf_counter()
+                names, longest = write_caption_shards(encoder, shards, out, batch, pool)  # the stage's shard loop
+                synchronize(device)
+                elapsed = time.perf_counter() - t0
+                batched_s[mode] += elapsed
+                round_rates[mode].append(round(len(part) / elapsed, 1))
+                max_tokens = max(max_tokens, longest)
+                if mode == graph_modes[0]:
+                    shard_bytes += sum((out / name).stat().st_size for name in names)
+                shutil.rmtree(out)  # a 100k-caption round is ~2.5 GB
 
         if args.profile:
-            profile_shard(encoder, batched[: args.shard], pool, Path(tmp) / "profiled", batch, device)
+            for mode in graph_modes:
+                encoder.cuda_graphs = mode
+                print(f"# profile with embed.cuda_graphs={mode}", file=sys.stderr)
+                profile_shard(encoder, batched[: args.shard], pool, Path(tmp) / f"profiled-{mode}", batch, device)
 
         sample = make_captions(args.tokenize_captions, args.seed + 1)  # the same for every --captions
         t0 = time.perf_counter()
@@ -203,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not torch.equal(ids, reference):
         raise AssertionError("ClipTokenizer and open_clip's tokenizer disagree on the benchmark captions")
 
-    batched_rate, naive_rate = len(batched) / batched_s, len(naive) / naive_s
+    batched_rate, naive_rate = len(batched) / batched_s[graph_modes[0]], len(naive) / naive_s
     mean_tokens, tower_tokens = token_counts(encoder, [batched[r :: args.rounds] for r in range(args.rounds)], args.shard, batch)
     out = {
         "benchmark": "embed",
@@ -216,14 +243,16 @@ def main(argv: list[str] | None = None) -> dict:
         "captions_from": str(args.captions_from) if args.captions_from else "generated",
         "rounds": args.rounds,
         "shard": args.shard,
-        "batched_captions_per_s": round(batched_rate, 2),
+        "batched_captions_per_s": round(batched_rate, 2),  # with embed.cuda_graphs off unless --cuda-graphs on
+        "cuda_graphs": [mode for mode in graph_modes],
+        "rounds_captions_per_s": {f"graphs_{'on' if m else 'off'}": rates for m, rates in round_rates.items()},
         "naive_captions": len(naive),
         "naive_captions_per_s": round(naive_rate, 2),
         "speedup": round(batched_rate / naive_rate, 2),
         "single_captions_per_s": round(len(naive) / single_s, 2),
         "speedup_over_single": round(batched_rate * single_s / len(naive), 2),
         "shares_prefixes": encoder.shares_prefixes,
-        "shared_vs_padded_rel_error": trie_error,
+        "shared_vs_padded_rel_error": trie_error[graph_modes[0]],
         "tower_tokens_per_caption": tower_tokens,  # positions the tower's projections and MLPs ran, per caption
         "bytes_per_caption": round(shard_bytes / len(batched), 1),
         "mean_tokens": mean_tokens,  # of the batched captions
@@ -239,6 +268,12 @@ def main(argv: list[str] | None = None) -> dict:
         "target": {"speedup_cpu": 10.0, "captions_per_s_h100_vit_b_32_batch_1024": 25000},
         "torch": torch.__version__,
     }
+    if True in graph_modes:
+        graphs_rate = len(batched) / batched_s[True]
+        out["graphs_captions_per_s"] = round(graphs_rate, 2)  # embed.cuda_graphs on, captures included
+        out["graphs_vs_eager"] = round(graphs_rate / (len(batched) / batched_s[False]), 3) if False in graph_modes else None
+        out["graphs_vs_padded_rel_error"] = trie_error[True]
+        out["graph_captures"] = encoder._graphs.captures if encoder._graphs is not None else 0
     print(json.dumps(out), flush=True)
     return out
 

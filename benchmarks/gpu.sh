@@ -7,8 +7,8 @@
 #   QUALITY_TRAIN_SECONDS=600 QUALITY_LIMIT=1000 bash benchmarks/gpu.sh quality   # a longer training budget (off the device tool)
 #   QUALITY_SET="train.loss_weight_floor=0 shapes.n_images=10000" bash benchmarks/gpu.sh quality   # preset overrides
 #
-# One device call runs at most 600 s. With the default limits (cuda 120 s, embed 120 s, copies 60 s,
-# spy 150 s, train64 360 s, sample 180 s, quality 540 s) keep each call's sum under that:
+# One device call runs at most 600 s. With the default limits (cuda 120 s, embed 150 s, copies 60 s,
+# spy 120 s, train64 360 s, sample 180 s, quality 540 s) keep each call's sum under that:
 # e.g. `cuda embed copies spy`, then `train64 sample`, then `quality`. On an H100 (eighth session) the
 # quality run took 545 s with QUALITY_TRAIN_SECONDS=200: its compile probe alone took 155 s.
 #
@@ -50,20 +50,21 @@ if wanted cuda "${selected[@]}"; then
     mv "$OUT/cuda.json" "$OUT/cuda.txt"  # pytest's report, not a JSON line
 fi
 if wanted embed "${selected[@]}"; then
-    run embed "${EMBED_LIMIT:-120}" python3 benchmarks/embed.py --device cuda --captions 100000 --batch 1024 --profile
+    run embed "${EMBED_LIMIT:-150}" python3 benchmarks/embed.py --device cuda --captions 100000 --batch 1024 --profile  # graphs off and on
 fi
 if wanted copies "${selected[@]}"; then
     # The embed stage's copies between host and device against the alternatives, host time per call.
     run copies "${COPIES_LIMIT:-60}" python3 benchmarks/host_copies.py
 fi
 if wanted spy "${selected[@]}"; then
-    # The embed benchmark again under py-spy (every thread, native frames too; gpu_wheels.sh
+    # The embed benchmark again, CUDA graphs on, under py-spy (every thread, native frames too; gpu_wheels.sh
     # fetches it), summarized per thread by benchmarks/spy_summary.py: where the host's time goes.
     spy=$(command -v py-spy || echo /tmp/site/bin/py-spy)
     if [[ -x $spy ]]; then
         rm -f /tmp/embed-spy.raw  # never an earlier run's profile
-        run spy "${SPY_LIMIT:-150}" "$spy" record --threads --idle --native -r 200 --format raw -o /tmp/embed-spy.raw -- \
-            python3 benchmarks/embed.py --device cuda --captions 100000 --batch 1024 --naive-captions 64 --tokenize-captions 1000
+        run spy "${SPY_LIMIT:-120}" "$spy" record --threads --idle --native -r 200 --format raw -o /tmp/embed-spy.raw -- \
+            python3 benchmarks/embed.py --device cuda --captions 100000 --batch 1024 --naive-captions 64 --tokenize-captions 1000 \
+            --cuda-graphs on
         python3 benchmarks/spy_summary.py /tmp/embed-spy.raw --top 15 >"$OUT/spy.txt" 2>&1
         gzip -c /tmp/embed-spy.raw >"$OUT/embed-spy.raw.gz"
         head -c 3000 "$OUT/spy.txt"

@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .checkpoint import UnsafeCheckpointError
+from .graphs import GraphCache
 from .tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class _TextModules(NamedTuple):
 class TextEncoder(torch.nn.Module):
     """A frozen open_clip model whose text tower yields conditioning for the UNet."""
 
-    def __init__(self, config: TextEncoderConfig, device: str | torch.device = "cpu"):
+    def __init__(self, config: TextEncoderConfig, device: str | torch.device = "cpu", cuda_graphs: bool = False):
         super().__init__()
         self.config = config
         model_cfg = _model_config(config.model_name)
@@ -176,6 +177,10 @@ class TextEncoder(torch.nn.Module):
         # (the dtype, what they were cast from and its state, the copy). A tuple, so not a
         # submodule: not in state_dict.
         self._cast_blocks: tuple[torch.dtype, list[tuple[weakref.ref, tuple]], torch.nn.ModuleList] | None = None
+        # Run the prefix path on a GPU through CUDA graphs, one per padded plan shape (see
+        # `models.graphs`): a launch per batch instead of one per op. Ignored on the CPU.
+        self.cuda_graphs = cuda_graphs
+        self._graphs: GraphCache | None = None
 
     def train(self, mode: bool = True) -> TextEncoder:
         # Frozen by design: a parent module's .train() must not flip it out of eval.
@@ -236,10 +241,15 @@ class TextEncoder(torch.nn.Module):
         # All host work before the first copy to the device: a copy from pageable memory waits
         # for the device to finish the work queued before it (the previous batch).
         device = t.positional_embedding.device
-        plan = _TriePlan.from_ids(ids, lengths, device) if share_prefixes and self.shares_prefixes else None
+        trie = share_prefixes and self.shares_prefixes
+        graphs = self._graph_cache(device) if trie else None
+        arrays = _plan_arrays(ids, lengths, self._graph_bucket if graphs is not None else None) if trie else None
         mask, lengths = to_device(mask, device), to_device(torch.from_numpy(lengths), device)
-        if plan is not None:
-            tokens, pooled = self._encode_prefix_trie(t, plan, text.shape[1])
+        if arrays is not None:
+            tokens, pooled = self._encode_prefix_trie(t, arrays, graphs)  # (rows >= B, cols, D), (rows, E)
+            tokens, pooled = tokens[: len(ids), : ids.shape[1]], pooled[: len(ids)]
+            if tokens.shape[1] < ids.shape[1]:
+                tokens = F.pad(tokens, (0, 0, 0, ids.shape[1] - tokens.shape[1]))  # (B, L', D)
         else:
             tokens, pooled = self._encode_padded(t, text)
         tokens = tokens.masked_fill(~mask[:, :, None], 0)  # (B, L', D)
@@ -270,13 +280,36 @@ class TextEncoder(torch.nn.Module):
         final = tokens if keep_after == len(blocks) else t.ln_final(x)  # (B, L, D)
         return tokens, _project(t, text_global_pool(final, text, t.pool_type, eos_token_id=t.eos_id))  # (B, E)
 
-    def _encode_prefix_trie(self, t: _TextModules, plan: _TriePlan, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tower over a batch's distinct token prefixes -> (tokens (B, width, D) after
-        ln_final, garbage past each end; pooled (B, E)). Equal captions get equal bits."""
+    def _encode_prefix_trie(
+        self, t: _TextModules, arrays: list[np.ndarray], graphs: GraphCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tower over a batch's plan (`_plan_arrays`) -> (tokens (rows, cols, D) after ln_final,
+        garbage past each end and in padding rows; pooled (rows, E)). With `graphs`, through
+        the CUDA graph of the plan's shapes."""
+        blocks = self._autocast_blocks(t.transformer.resblocks)  # before any capture: it may copy the blocks
+        shapes = [a.shape for a in arrays]
+        flat = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays]))  # one copy to the device
+
+        def tower(on_device: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._tower_over_prefixes(t, _TriePlan.from_flat(on_device, shapes), blocks)
+
+        if graphs is not None:
+            device_type = graphs.device.type
+            autocast = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+            weights = tuple(p.data_ptr() for p in _tower_tensors(t, blocks))  # a graph replays this memory
+            results = graphs.run((tuple(shapes), autocast), weights, flat, tower)
+            if results is not None:
+                return results
+        return tower(to_device(flat, t.positional_embedding.device))
+
+    def _tower_over_prefixes(
+        self, t: _TextModules, plan: _TriePlan, blocks: torch.nn.ModuleList
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_encode_prefix_trie`'s tower on a plan on the device; sync-free, so a CUDA graph can
+        record it. Equal captions get equal bits."""
         cast_dtype = t.transformer.get_cast_dtype()
         x = t.token_embedding(plan.node_token).to(cast_dtype)  # (N, D)
         x = x + t.positional_embedding.index_select(0, plan.node_col).to(cast_dtype)
-        blocks = self._autocast_blocks(t.transformer.resblocks)
         penultimate = self.config.layer == "penultimate"
         for block in blocks[:-1] if penultimate else blocks:
             x = _block_over_prefixes(block, x, plan)  # (N, D)
@@ -287,8 +320,6 @@ class TextEncoder(torch.nn.Module):
             final = states.index_select(0, plan.eot_node)  # (U, D)
         B, longest = plan.caption_nodes.shape
         tokens = states.index_select(0, plan.caption_nodes.view(-1)).view(B, longest, -1)  # (B, longest, D)
-        if longest < width:
-            tokens = F.pad(tokens, (0, 0, 0, width - longest))  # (B, width, D)
         return tokens, _project(t, final).index_select(0, plan.caption_eot)  # (B, E)
 
     def _autocast_blocks(self, blocks: torch.nn.ModuleList) -> torch.nn.ModuleList:
@@ -332,9 +363,27 @@ class TextEncoder(torch.nn.Module):
         """Drop the autocast copy of the blocks (see `_autocast_blocks`); the next call makes a new one."""
         self._cast_blocks = None
 
+    def _graph_cache(self, device: torch.device) -> GraphCache | None:
+        """The prefix path's CUDA graphs on `device`, when `cuda_graphs` is on and it is a GPU."""
+        if not self.cuda_graphs:
+            return None
+        if self._graphs is None or self._graphs.device != device:
+            self._graphs = GraphCache(device) if device.type == "cuda" else None
+        return self._graphs
+
+    def _graph_bucket(self, rows: int, cols: int, nodes: int) -> tuple[int, int, int]:
+        """A plan's shape (rows B, columns L, trie nodes N) -> the padded shape its graph runs,
+        from a few per batch size: rows a power of two (>= 64), columns a multiple of 8 (at most
+        the context length), nodes a multiple of 1/32 of rows x columns (>= 256). Padding costs
+        the device a little work; the device is not what bounds the stage."""
+        rows = max(64, 1 << (rows - 1).bit_length())
+        cols = min(-(-cols // 8) * 8, self.context_length)
+        step = max(256, rows * cols // 32)
+        return rows, cols, min(-(-nodes // step) * step, rows * cols)
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # a pickled encoder (a Dask worker's) makes its own copy
-        return {**state, "_cast_blocks": None}
+        return {**state, "_cast_blocks": None, "_graphs": None}
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -413,21 +462,48 @@ class _TriePlan(NamedTuple):
     @classmethod
     def from_ids(cls, ids: np.ndarray, lengths: np.ndarray, device: torch.device | str = "cpu") -> _TriePlan:
         """`ids` (B, L) and `lengths` (B,) int64 host arrays -> the plan on `device`."""
-        order, node_of, first_row, first_col = _prefix_trie(ids, lengths)
-        sorted_lengths = lengths[order]  # (B,)
-        eot_node, caption_eot = np.unique(node_of[np.arange(len(lengths)), sorted_lengths - 1], return_inverse=True)
-        unsort = np.empty_like(order)
-        unsort[order] = np.arange(len(order))  # (B,) input row -> its sorted row
-        node_of = np.maximum(node_of, 0)
-        node_at = first_row * node_of.shape[1] + first_col  # (N,)
-        arrays = (
-            ids[order[first_row], first_col], first_col, node_at, node_of, eot_node, node_at[eot_node],
-            caption_eot.reshape(-1)[unsort], node_of[unsort],
-        )  # fmt: skip
+        arrays = _plan_arrays(ids, lengths)
         # One buffer, one copy to the device (a pinned copy each would cost a launch and a pin).
-        flat = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays]))
-        parts = to_device(flat, torch.device(device)).split([a.size for a in arrays])
-        return cls(*(part.view(a.shape) for part, a in zip(parts, arrays)))
+        flat = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays]))
+        return cls.from_flat(to_device(flat, torch.device(device)), [a.shape for a in arrays])
+
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> _TriePlan:
+        """The plan as views of `flat`, `_plan_arrays` concatenated, its arrays of `shapes`."""
+        parts = flat.split([int(np.prod(shape)) for shape in shapes])
+        return cls(*(part.view(shape) for part, shape in zip(parts, shapes)))
+
+
+def _plan_arrays(
+    ids: np.ndarray, lengths: np.ndarray, bucket: Callable[[int, int, int], tuple[int, int, int]] | None = None
+) -> list[np.ndarray]:
+    """`ids` (B, L) and `lengths` (B,) int64 host arrays -> `_TriePlan`'s arrays (int64, in its
+    field order). With `bucket`, (B, longest, N) -> (rows, cols, nodes) no smaller: the arrays
+    are padded to that shape (a CUDA graph's), and what the padding adds computes garbage no
+    real caption reads: extra nodes are token 0 at position 0, extra rows and columns read node
+    0 (past a caption's end is never attended to from within it: the tower is causal)."""
+    order, node_of, first_row, first_col = _prefix_trie(ids, lengths)
+    B, longest = node_of.shape
+    rows, cols, nodes = (B, longest, len(first_row)) if bucket is None else bucket(B, longest, len(first_row))
+    sorted_lengths = lengths[order]  # (B,)
+    eot_node, caption_eot = np.unique(node_of[np.arange(B), sorted_lengths - 1], return_inverse=True)
+    unsort = np.empty_like(order)
+    unsort[order] = np.arange(B)  # (B,) input row -> its sorted row
+    node_of = np.maximum(node_of, 0)
+    node_at = first_row * cols + first_col  # (N,) flat positions in a (rows, cols) layout
+    arrays = [
+        (ids[order[first_row], first_col], (nodes,)), (first_col, (nodes,)), (node_at, (nodes,)),
+        (node_of, (rows, cols)), (eot_node, (rows,)), (node_at[eot_node], (rows,)),
+        (caption_eot.reshape(-1)[unsort], (rows,)), (node_of[unsort], (rows, cols)),
+    ]  # fmt: skip
+    return [_padded(np.asarray(a, dtype=np.int64), shape) for a, shape in arrays]
+
+
+def _padded(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`a` with zeros after its end along each axis up to `shape` (`a` itself when it fits)."""
+    if a.shape == shape:
+        return a
+    return np.pad(a, [(0, want - have) for have, want in zip(a.shape, shape)])
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -534,6 +610,14 @@ def _parameter_state(p: torch.Tensor) -> tuple:
     dtype, and its version counter (inference tensors have none; they cannot change in place
     outside inference mode)."""
     return (p.device, p.dtype, p.data_ptr(), None if p.is_inference() else p._version)
+
+
+def _tower_tensors(t: _TextModules, blocks: torch.nn.ModuleList) -> list[torch.Tensor]:
+    """Every parameter the prefix path reads (`blocks` may be the autocast copy)."""
+    projection = t.text_projection
+    extra = list(projection.parameters()) if isinstance(projection, torch.nn.Module) else [projection]
+    return [t.token_embedding.weight, t.positional_embedding, *blocks.parameters(), *t.ln_final.parameters(),
+            *(p for p in extra if p is not None)]  # fmt: skip
 
 
 def _project(t: _TextModules, pooled: torch.Tensor) -> torch.Tensor:

@@ -113,6 +113,11 @@ class EmbedConfig(BaseModel):
         65536, ge=1, description="distinct captions per Parquet shard; the prefix order (or length sort) and memory are per shard"
     )
     duckdb_memory_limit: str = Field("1GB", description="the distinct-caption pass spills to disk beyond this")
+    cuda_graphs: bool = Field(
+        False,
+        description="on a GPU, run the text tower through CUDA graphs (one launch per batch instead of one "
+        "per op; a graph per padded batch shape, captured on first use); ignored on the CPU",
+    )
     tokenize_workers: int | None = Field(
         None,
         ge=0,
@@ -322,7 +327,7 @@ def resolve_device(device: str | None) -> torch.device:
 def build_encoder(config: EmbedConfig, device: torch.device | str = "cpu") -> TextEncoder:
     """The frozen text encoder of `config.encoder`; its construction errors say which option to set."""
     try:
-        return TextEncoder(config.text_encoder_config(), device=device)
+        return TextEncoder(config.text_encoder_config(), device=device, cuda_graphs=config.cuda_graphs)
     except (ValueError, FileNotFoundError) as exc:
         raise EmbedError(f"cannot build the text encoder of embed.encoder={config.encoder}: {exc}") from exc
 

@@ -258,10 +258,11 @@ def test_encoding_thread_never_waits_for_the_device(config, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_shard_holds_the_encoders_states(config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_cuda_shard_holds_the_encoders_states(config, tmp_path, monkeypatch, cuda_graphs):
     # The pinned copies, queued without waiting and read after their event: the stored bytes
     # are the device's float16 states of the same batch.
-    encoder = build_encoder(config, "cuda")
+    encoder = build_encoder(config.model_copy(update={"cuda_graphs": cuda_graphs}), "cuda")
     captions = sorted(set(TRAIN)) * 50  # repeats: one batch, many equal rows
     captions = [f"{c} {i}" for i, c in enumerate(captions)]
     original = embed_module._to_host
@@ -281,6 +282,10 @@ def test_cuda_shard_holds_the_encoders_states(config, tmp_path, monkeypatch):
     torch.testing.assert_close(torch.from_numpy(stored.copy()), fresh.tokens[fresh.mask].half().cpu(), rtol=1e-3, atol=1e-3)
     pooled = np.frombuffer(b"".join(table.column("pooled").to_pylist()), dtype="<f4").reshape(len(captions), -1)
     torch.testing.assert_close(torch.from_numpy(pooled.copy()), fresh.pooled.float().cpu(), rtol=1e-3, atol=1e-3)
+    if cuda_graphs:  # the stage's batch and `fresh` had one shape: one capture; writing again replays it
+        assert encoder._graphs.captures == 1
+        write_caption_shard(encoder, captions, tmp_path / "again.parquet", batch_size=len(captions))
+        assert encoder._graphs.captures == 1 and pq.read_table(tmp_path / "again.parquet").equals(table)
 
 
 def test_shards_are_fsynced_off_the_encoding_thread_before_the_loop_returns(config, tmp_path, monkeypatch):

@@ -67,6 +67,28 @@ def test_embed_benchmark_runs_on_given_captions(tiny_clip, tmp_path, capsys):
         embed_benchmark([*args, "--batch", "12", "--captions-from", str(tmp_path)])
 
 
+def test_embed_benchmark_times_both_graph_settings(tiny_clip, capsys, monkeypatch):
+    from benchmarks.embed import main as embed_benchmark
+    from models.graphs import GraphCache, run_eagerly
+    from models.text_encoder import TextEncoder
+
+    args = ["--model", tiny_clip, "--device", "cpu", "--batch", "8", "--naive-captions", "2", "--captions", "40",
+            "--tokenize-captions", "10", "--cuda-graphs", "both"]  # fmt: skip
+    with pytest.raises(SystemExit, match="need a CUDA device"):
+        embed_benchmark(args)
+
+    def graphs_on_the_cpu(self, device):  # the GPU's static buffers, with run_eagerly for the capture
+        if self.cuda_graphs and self._graphs is None:
+            self._graphs = GraphCache(device, capture=run_eagerly)
+        return self._graphs if self.cuda_graphs else None
+
+    monkeypatch.setattr(TextEncoder, "_graph_cache", graphs_on_the_cpu)
+    out = embed_benchmark(args)
+    assert out["cuda_graphs"] == [False, True] and out["graphs_captions_per_s"] > 0 and out["graphs_vs_eager"] > 0
+    assert [len(r) for r in out["rounds_captions_per_s"].values()] == [2, 2]
+    assert out["graphs_vs_padded_rel_error"] < 1e-5 and out["graph_captures"] >= 1
+
+
 def test_sample_benchmark_times_each_steps_table_row(tiny_clip, capsys):
     from benchmarks.sample import main as sample_benchmark
 

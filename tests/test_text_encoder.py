@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.checkpoint import UnsafeCheckpointError
+from models.graphs import GraphCache, run_eagerly
 from models.text_encoder import (
     PrefixTrie,
     TextEncoder,
@@ -604,6 +605,61 @@ def test_random_init_leaves_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
+def _graphed(enc: TextEncoder) -> GraphCache:
+    """`enc` with its prefix path through a `GraphCache` on the CPU: padded plans, static inputs
+    and shared outputs as on a GPU, with `run_eagerly` in place of the CUDA capture."""
+    enc.cuda_graphs = True
+    enc._graphs = GraphCache(torch.device("cpu"), capture=run_eagerly)
+    return enc._graphs
+
+
+@pytest.mark.parametrize("layer", ["penultimate", "last"])
+def test_graph_path_pads_plans_and_gives_the_unpadded_states(layer):
+    enc = _random(seed=3, layer=layer)
+    assert enc._graph_cache(torch.device("cpu")) is None  # off by default, and never on the CPU itself
+    enc.cuda_graphs = True
+    assert enc._graph_cache(torch.device("cpu")) is None
+    captions = [
+        "a red circle", "a red circle on a white background", "a red square", "", "two blue squares",
+        "a small red circle next to a big blue square " * 20, "a red circle on a white", "two", "a red",
+    ]  # fmt: skip
+    ids = enc.tokenize(captions)
+    short = ids[[0, 1, 2, 3, 4, 6, 7, 8], :20]  # all but the long one, cut to 20 positions
+    batches = [short, ids, ids[[4, 0, 3], :9], short, ids[[1, 2]]]  # a shape again
+    enc.cuda_graphs = False
+    expected = [enc.encode_tokens(text) for text in batches]
+    graphs = _graphed(enc)
+    got = [enc.encode_tokens(text) for text in batches]  # each kept while the later ones run
+    for out, ref in zip(got, expected):
+        assert out.tokens.shape == ref.tokens.shape and torch.equal(out.mask, ref.mask)
+        torch.testing.assert_close(out.tokens, ref.tokens, rtol=1e-5, atol=1e-5)  # other GEMM shapes round apart
+        torch.testing.assert_close(out.pooled, ref.pooled, rtol=1e-5, atol=1e-5)
+        assert not out.tokens[~out.mask].any()
+    # Every batch here pads to 64 rows, so shapes repeat: those replayed instead of capturing again.
+    padded = [key[0][3] for key in graphs._graphs]  # node_of's (rows, cols) per graph
+    assert graphs.captures == len(graphs) < len(batches) and {rows for rows, _ in padded} == {64}
+    assert {cols for _, cols in padded} >= {enc.context_length, 16}
+    # Weights moved to new memory (here a dtype round trip): the graphs are captured again.
+    enc.to(torch.float64).to(torch.float32)
+    torch.testing.assert_close(enc.encode_tokens(short).tokens, expected[0].tokens, rtol=1e-5, atol=1e-5)
+    assert graphs.captures == len(padded) + 1 and len(graphs) == 1
+
+
+def test_graph_buckets_cover_the_plan_and_stay_few():
+    enc = _random()
+    shapes = set()
+    for rows in range(1, 1025, 37):
+        for cols in range(1, 78, 3):
+            for nodes in {1, rows * cols // 3 + 1, rows * cols}:
+                r, c, n = enc._graph_bucket(rows, cols, nodes)
+                assert r >= rows and c >= cols and n >= nodes and n <= r * c and c <= enc.context_length
+                shapes.add((r, c, n))
+    assert enc._graph_bucket(1024, 34, 12_700) == (1024, 40, 12_800)
+    assert enc._graph_bucket(672, 34, 8_000) == (1024, 40, 8_960)
+    # Per batch size: 10 column buckets and at most 32 node buckets each.
+    assert len({s for s in shapes if s[0] == 1024}) <= 10 * 32
+
+
 # --- device ---------------------------------------------------------------------------------
 
 
@@ -653,3 +709,31 @@ def test_cuda_placement_and_bf16_autocast(monkeypatch):
         cast_per_call = gpu.encode_tokens(ids)
     assert gpu._cast_blocks is not None and torch.equal(cast_once.tokens, cast_per_call.tokens)
     assert torch.equal(cast_once.pooled, cast_per_call.pooled)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_give_the_eager_states_with_one_launch():
+    from torch.profiler import profile
+
+    gpu = TextEncoder(_random(seed=4).config, device="cuda")
+    ids = gpu.tokenize([f"{c} {i}" for i, c in enumerate(CAPTIONS * 30)])
+    longest = int(gpu.token_lengths(ids).max())
+    batches = [ids[:, :longest], ids[:50, :longest], ids[:7], ids[:, :longest]]  # the first shape again last
+    for autocast in (False, True):
+        gpu.cuda_graphs = False
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            eager = [gpu.encode_tokens(t) for t in batches]
+            gpu.cuda_graphs = True
+            graphed = [gpu.encode_tokens(t) for t in batches]  # each kept while the later ones run
+            with profile() as prof:
+                replayed = gpu.encode_tokens(batches[0])
+        tolerance = 3e-2 if autocast else 1e-4  # bf16 rounds apart at other GEMM shapes
+        for got, ref in zip(graphed + [replayed], eager + eager[:1]):
+            assert torch.equal(got.mask, ref.mask) and not got.tokens[~got.mask].any()
+            torch.testing.assert_close(got.tokens.float(), ref.tokens.float(), rtol=tolerance, atol=tolerance)
+            torch.testing.assert_close(got.pooled.float(), ref.pooled.float(), rtol=tolerance, atol=tolerance)
+        # Three shapes; under autocast the bf16 copy of the blocks is new memory: new graphs for it.
+        assert gpu._graphs.captures == 3 * (1 + autocast) and len(gpu._graphs) == 3
+        launches = {e.key: e.count for e in prof.key_averages() if e.key.startswith("cuda") and "Launch" in e.key}
+        assert sum(n for key, n in launches.items() if key.startswith("cudaGraphLaunch")) == 1, launches
+        assert sum(launches.values()) < 20, launches  # the tower's few hundred kernels in one graph
