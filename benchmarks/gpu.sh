@@ -17,6 +17,9 @@
 # and mlflow are not needed). Each benchmark has its own time limit, so one that hangs still
 # leaves the others' figures.
 set -uo pipefail
+# The profiled runs (embed --profile, the CUDA tests) start the profiler after CUDA graphs exist;
+# CUPTI torn down and set up again around graphs has crashed processes (pytorch#75504).
+export TEARDOWN_CUPTI=0
 cd "$(dirname "$0")/.."
 wanted() { local name=$1; shift; [[ $# -eq 0 ]] || [[ " $* " == *" $name "* ]]; }  # wanted NAME SELECTED...: none selected = all
 selected=("$@")

@@ -26,6 +26,10 @@ import torch
 # and the kernels' parameters, and a capture costs a device synchronization.
 GRAPH_LIMIT = 64
 
+# One capture at a time in a process: captures from two threads (a Dask worker's) would
+# otherwise interleave their kernels.
+_capturing = threading.Lock()
+
 
 class _Captured(NamedTuple):
     inputs: torch.Tensor  # the static input on the device, (n,)
@@ -40,10 +44,12 @@ def capture_cuda_graph(fn: Callable[[], None], device: torch.device, pool: objec
     """Records `fn`'s kernels on `device` into a graph in memory pool `pool` -> its replay.
     `fn` has run once already, outside the capture (cuBLAS and attention pick their kernels
     and workspaces then). Other threads may use the device meanwhile (their calls are not
-    captured: "thread_local")."""
+    captured: "thread_local"); the capture runs on a stream of its own on `device` (torch's
+    default capture stream is one per process, made on whichever device came first)."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.device(device), torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        fn()
+    with _capturing, torch.cuda.device(device):
+        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
+            fn()
 
     def replay() -> None:
         with torch.cuda.device(device):  # on `device`'s current stream, behind the input copy
@@ -80,6 +86,10 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self._graphs)
 
+    @property
+    def full(self) -> bool:
+        return len(self._graphs) >= self.limit
+
     def run(
         self, key: Hashable, weights: Hashable, host_inputs: torch.Tensor,
         body: Callable[[torch.Tensor], Sequence[torch.Tensor]],
@@ -106,7 +116,7 @@ class GraphCache:
             _queue_copy(captured.inputs, host_inputs)
             captured.replay()
             return captured.outputs
-        if len(self._graphs) >= self.limit:
+        if self.full:
             return None
         inputs = torch.empty(host_inputs.shape, dtype=host_inputs.dtype, device=self.device)
         _queue_copy(inputs, host_inputs)

@@ -181,6 +181,7 @@ class TextEncoder(torch.nn.Module):
         # `models.graphs`): a launch per batch instead of one per op. Ignored on the CPU.
         self.cuda_graphs = cuda_graphs
         self._graphs: GraphCache | None = None
+        self._warned_graphs_full = False
 
     def train(self, mode: bool = True) -> TextEncoder:
         # Frozen by design: a parent module's .train() must not flip it out of eval.
@@ -244,9 +245,12 @@ class TextEncoder(torch.nn.Module):
         trie = share_prefixes and self.shares_prefixes
         graphs = self._graph_cache(device) if trie else None
         arrays = _plan_arrays(ids, lengths, self._graph_bucket if graphs is not None else None) if trie else None
-        mask, lengths = to_device(mask, device), to_device(torch.from_numpy(lengths), device)
+        host_lengths, mask, lengths = lengths, to_device(mask, device), to_device(torch.from_numpy(lengths), device)
         if arrays is not None:
-            tokens, pooled = self._encode_prefix_trie(t, arrays, graphs)  # (rows >= B, cols, D), (rows, E)
+            results = self._encode_prefix_trie(t, arrays, graphs)  # (rows >= B, cols, D), (rows, E)
+            if results is None:  # no graph for this shape: the plan as it is, not padded for one
+                results = self._encode_prefix_trie(t, _plan_arrays(ids, host_lengths), None)
+            tokens, pooled = results
             tokens, pooled = tokens[: len(ids), : ids.shape[1]], pooled[: len(ids)]
             if tokens.shape[1] < ids.shape[1]:
                 tokens = F.pad(tokens, (0, 0, 0, ids.shape[1] - tokens.shape[1]))  # (B, L', D)
@@ -282,10 +286,10 @@ class TextEncoder(torch.nn.Module):
 
     def _encode_prefix_trie(
         self, t: _TextModules, arrays: list[np.ndarray], graphs: GraphCache | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The tower over a batch's plan (`_plan_arrays`) -> (tokens (rows, cols, D) after ln_final,
         garbage past each end and in padding rows; pooled (rows, E)). With `graphs`, through
-        the CUDA graph of the plan's shapes."""
+        the CUDA graph of the plan's shapes, or None when there is none and `graphs` is full."""
         blocks = self._autocast_blocks(t.transformer.resblocks)  # before any capture: it may copy the blocks
         shapes = [a.shape for a in arrays]
         flat = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays]))  # one copy to the device
@@ -296,10 +300,14 @@ class TextEncoder(torch.nn.Module):
         if graphs is not None:
             device_type = graphs.device.type
             autocast = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-            weights = tuple(p.data_ptr() for p in _tower_tensors(t, blocks))  # a graph replays this memory
+            # A graph replays this memory as these tensors laid it out.
+            weights = tuple((p.data_ptr(), p.dtype, p.shape) for p in _tower_tensors(t, blocks))
             results = graphs.run((tuple(shapes), autocast), weights, flat, tower)
-            if results is not None:
-                return results
+            if results is None and not self._warned_graphs_full:
+                self._warned_graphs_full = True
+                log.warning("text encoder: %d CUDA graphs held, the most; batch shapes beyond them run without one",
+                            len(graphs))
+            return results
         return tower(to_device(flat, t.positional_embedding.device))
 
     def _tower_over_prefixes(

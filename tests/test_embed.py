@@ -285,7 +285,12 @@ def test_cuda_shard_holds_the_encoders_states(config, tmp_path, monkeypatch, cud
     if cuda_graphs:  # the stage's batch and `fresh` had one shape: one capture; writing again replays it
         assert encoder._graphs.captures == 1
         write_caption_shard(encoder, captions, tmp_path / "again.parquet", batch_size=len(captions))
-        assert encoder._graphs.captures == 1 and pq.read_table(tmp_path / "again.parquet").equals(table)
+        again = pq.read_table(tmp_path / "again.parquet")
+        assert encoder._graphs.captures == 1 and again.column("caption").equals(table.column("caption"))
+        replayed = np.frombuffer(b"".join(again.column("tokens").to_pylist()), dtype="<f2").reshape(-1, 32)
+        # The first shard came from the run before the capture, this one from the graph: other
+        # streams and workspaces, so equal within rounding, not necessarily in every bit.
+        torch.testing.assert_close(torch.from_numpy(replayed.copy()), torch.from_numpy(stored.copy()), rtol=1e-3, atol=1e-3)
 
 
 def test_shards_are_fsynced_off_the_encoding_thread_before_the_loop_returns(config, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import models.text_encoder as text_encoder_module
 from models.checkpoint import UnsafeCheckpointError
 from models.graphs import GraphCache, run_eagerly
 from models.text_encoder import (
@@ -645,6 +646,26 @@ def test_graph_path_pads_plans_and_gives_the_unpadded_states(layer):
     assert graphs.captures == len(padded) + 1 and len(graphs) == 1
 
 
+def test_a_full_graph_cache_runs_new_shapes_unpadded_and_says_so_once(caplog):
+    enc = _random(seed=3)
+    ids = enc.tokenize(["a red circle", "two blue squares", "a small red circle next to a big blue square " * 3])
+    expected = [enc.encode_tokens(ids[:2]), enc.encode_tokens(ids)]
+    graphs = _graphed(enc)
+    graphs.limit = 1
+    enc.encode_tokens(ids[:2])  # the one graph
+    planned = []
+    original = text_encoder_module._plan_arrays
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(text_encoder_module, "_plan_arrays", lambda *a: planned.append(len(a)) or original(*a))
+        got = [enc.encode_tokens(ids), enc.encode_tokens(ids), enc.encode_tokens(ids[:2])]
+    assert planned == [3, 2, 3, 2, 3]  # padded for a graph, then as it is, where none can be made
+    assert len(graphs) == graphs.captures == 1
+    for out, ref in zip(got, [expected[1], expected[1], expected[0]]):
+        torch.testing.assert_close(out.tokens, ref.tokens, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.pooled, ref.pooled, rtol=1e-5, atol=1e-5)
+    assert sum("CUDA graphs held" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_graph_buckets_cover_the_plan_and_stay_few():
     enc = _random()
     shapes = set()
@@ -718,7 +739,8 @@ def test_cuda_graphs_give_the_eager_states_with_one_launch():
     gpu = TextEncoder(_random(seed=4).config, device="cuda")
     ids = gpu.tokenize([f"{c} {i}" for i, c in enumerate(CAPTIONS * 30)])
     longest = int(gpu.token_lengths(ids).max())
-    batches = [ids[:, :longest], ids[:50, :longest], ids[:7], ids[:, :longest]]  # the first shape again last
+    long = gpu.tokenize(["a small red circle next to a big blue square " * 3, "two"])  # 30 tokens: more columns
+    batches = [ids[:, :longest], ids[:50, :longest], long, ids[:, :longest]]  # the first shape again last
     for autocast in (False, True):
         gpu.cuda_graphs = False
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
@@ -727,7 +749,7 @@ def test_cuda_graphs_give_the_eager_states_with_one_launch():
             graphed = [gpu.encode_tokens(t) for t in batches]  # each kept while the later ones run
             with profile() as prof:
                 replayed = gpu.encode_tokens(batches[0])
-        tolerance = 3e-2 if autocast else 1e-4  # bf16 rounds apart at other GEMM shapes
+        tolerance = 5e-2 if autocast else 1e-4  # bf16 rounds apart at other GEMM shapes
         for got, ref in zip(graphed + [replayed], eager + eager[:1]):
             assert torch.equal(got.mask, ref.mask) and not got.tokens[~got.mask].any()
             torch.testing.assert_close(got.tokens.float(), ref.tokens.float(), rtol=tolerance, atol=tolerance)
