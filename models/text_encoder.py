@@ -511,7 +511,9 @@ def _padded(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """`a` with zeros after its end along each axis up to `shape` (`a` itself when it fits)."""
     if a.shape == shape:
         return a
-    return np.pad(a, [(0, want - have) for have, want in zip(a.shape, shape)])
+    out = np.zeros(shape, dtype=a.dtype)  # np.pad costs ~10x this for these small arrays
+    out[tuple(slice(0, n) for n in a.shape)] = a
+    return out
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -553,13 +555,18 @@ def _prefix_trie(ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.n
     """(B, L) ids, (B,) lengths -> `PrefixTrie`'s (order, node_of, first_row, first_col) as arrays."""
     keyed = _real_tokens(ids, lengths)  # (B, L) with L the longest, -1 past the end
     B, L = keyed.shape
-    order = _lexicographic(keyed)  # (B,)
-    keyed = keyed[order]
+    differs = _differs_from_above(keyed)
+    # The embed stage's batches come in prefix order already (`tasks.embed.caption_batches`):
+    # then the sort is the identity (np.lexsort is stable), and is skipped.
+    if _in_lexicographic_order(keyed, differs):
+        order = np.arange(B)
+    else:
+        order = _lexicographic(keyed)  # (B,)
+        keyed = keyed[order]
+        differs = _differs_from_above(keyed)
     real = keyed >= 0  # (B, L)
     # Sorted so, the rows that share a prefix are neighbours: a row shares with the row
     # above it up to their first differing position, and starts new nodes from there.
-    differs = np.ones((B, L), dtype=bool)
-    differs[1:] = keyed[1:] != keyed[:-1]
     shared = np.where(differs.any(axis=1), differs.argmax(axis=1), L)  # (B,)
     new = real & (np.arange(L)[None, :] >= shared[:, None])  # (B, L) positions that start a node
     new_id = new.reshape(-1).cumsum().reshape(B, L) - 1  # (B, L) row-major node numbering
@@ -579,6 +586,21 @@ def _real_tokens(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def _lexicographic(keyed: np.ndarray) -> np.ndarray:
     # np.lexsort's last key is the primary one: reverse the columns; -1 sorts a prefix first.
     return np.lexsort(keyed[:, ::-1].T).astype(np.int64)
+
+
+def _differs_from_above(keyed: np.ndarray) -> np.ndarray:
+    """(B, L) -> (B, L) bool: where each row differs from the row above (all of row 0)."""
+    differs = np.ones(keyed.shape, dtype=bool)
+    differs[1:] = keyed[1:] != keyed[:-1]
+    return differs
+
+
+def _in_lexicographic_order(keyed: np.ndarray, differs: np.ndarray) -> bool:
+    """Whether the rows of `keyed` are in `_lexicographic`'s order: each row is no smaller
+    than the row above at the first position where they differ (equal rows are in order)."""
+    at = differs[1:].argmax(axis=1)  # (B-1,) 0 for a row equal to the one above: equal there too
+    rows = np.arange(1, len(keyed))
+    return bool((keyed[rows, at] >= keyed[rows - 1, at]).all())
 
 
 def _block_over_prefixes(block: torch.nn.Module, x: torch.Tensor, plan: _TriePlan, eot_only: bool = False) -> torch.Tensor:

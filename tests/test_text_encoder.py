@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import huggingface_hub.constants
+import numpy as np
 import open_clip
 import open_clip.pretrained
 import pytest
@@ -298,6 +299,28 @@ def test_prefix_trie_nodes_are_the_distinct_prefixes():
     # Ids past a row's length never count: equal real tokens share, whatever follows them.
     assert len(PrefixTrie.build(torch.tensor([[1, 2, 3], [1, 2, 3]]), torch.tensor([2, 3])).first_row) == 3
     assert len(PrefixTrie.build(torch.tensor([[1, 2, 7], [1, 2, 0]]), torch.tensor([2, 2])).first_row) == 2
+
+
+def test_rows_already_in_prefix_order_skip_the_sort_and_give_the_same_trie(monkeypatch):
+    from models.text_encoder import _differs_from_above, _in_lexicographic_order, _prefix_trie, _real_tokens
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        B, L = int(rng.integers(1, 12)), int(rng.integers(1, 6))
+        ids = rng.integers(0, 3, size=(B, L))  # few tokens: many shared prefixes and equal rows
+        lengths = rng.integers(1, L + 1, size=B)
+        if trial % 2:  # half of them sorted, as the embed stage's batches come
+            keyed = _real_tokens(ids, lengths)
+            order = np.lexsort(keyed[:, ::-1].T)
+            ids, lengths = ids[order], lengths[order]
+        keyed = _real_tokens(ids, lengths)
+        in_order = bool((np.lexsort(keyed[:, ::-1].T) == np.arange(B)).all())  # stable: the identity iff in order
+        assert _in_lexicographic_order(keyed, _differs_from_above(keyed)) == in_order
+        fast = _prefix_trie(ids, lengths)
+        with monkeypatch.context() as m:
+            m.setattr("models.text_encoder._in_lexicographic_order", lambda *a: False)  # always sort
+            sorted_anyway = _prefix_trie(ids, lengths)
+        assert all(np.array_equal(a, b) for a, b in zip(fast, sorted_anyway))
 
 
 def test_host_side_index_work_runs_no_torch_compute_op():
