@@ -10,8 +10,15 @@ its bucket.
 input on the device, replays the key's graph (capturing it the first time) and returns copies
 of its outputs. The graphs write their outputs into buffers they all share, so only the inputs
 and those buffers outlive a capture: the graphs share one memory pool for everything else and
-may replay in any order, one at a time (a lock keeps threads from interleaving a replay and
-the copies out of the buffers; stream order does the rest).
+may replay in any order, one at a time. A lock keeps threads from interleaving a replay and
+the copies out of the buffers; the callers' one current stream orders the device work.
+
+A cache captures all its graphs on one stream of its own, and never runs eager work on it:
+torch's allocator reuses a freed block only on the stream that freed it, so graphs captured
+on one stream share their scratch memory, and cuBLAS keeps a workspace per stream, which a
+capture takes from the graphs' pool (eager work on that stream would write into it; see
+pytorch#193832). Graphs are dropped all at once (`clear`), never one by one, since graphs
+captured on one stream share that workspace (pytorch#193402).
 """
 
 from __future__ import annotations
@@ -37,18 +44,20 @@ class _Captured(NamedTuple):
     outputs: tuple[torch.Tensor, ...]  # views of the shared output buffers
 
 
-Capture = Callable[[Callable[[], None], torch.device, object], Callable[[], None]]
+Capture = Callable[[Callable[[], None], torch.device, object, "torch.cuda.Stream | None"], Callable[[], None]]
 
 
-def capture_cuda_graph(fn: Callable[[], None], device: torch.device, pool: object) -> Callable[[], None]:
-    """Records `fn`'s kernels on `device` into a graph in memory pool `pool` -> its replay.
-    `fn` has run once already, outside the capture (cuBLAS and attention pick their kernels
-    and workspaces then). Other threads may use the device meanwhile (their calls are not
-    captured: "thread_local"); the capture runs on a stream of its own on `device` (torch's
-    default capture stream is one per process, made on whichever device came first)."""
+def capture_cuda_graph(
+    fn: Callable[[], None], device: torch.device, pool: object, stream: torch.cuda.Stream
+) -> Callable[[], None]:
+    """Records `fn`'s kernels on `device` into a graph in memory pool `pool`, on `stream` -> its
+    replay. `fn` has run once already, outside the capture (attention and cuBLAS pick their
+    kernels then). Other threads may use the device meanwhile (their calls are not captured:
+    "thread_local"). `stream`, not torch's default capture stream: that one is one per process,
+    made on whichever device came first."""
     graph = torch.cuda.CUDAGraph()
     with _capturing, torch.cuda.device(device):
-        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             fn()
 
     def replay() -> None:
@@ -58,7 +67,7 @@ def capture_cuda_graph(fn: Callable[[], None], device: torch.device, pool: objec
     return replay
 
 
-def run_eagerly(fn: Callable[[], None], device: torch.device, pool: object) -> Callable[[], None]:
+def run_eagerly(fn: Callable[[], None], device: torch.device, pool: object, stream: object) -> Callable[[], None]:
     """A stand-in for `capture_cuda_graph` where there is no CUDA (tests): "replay" runs `fn`
     again, so the static inputs, the shared outputs and their reuse are the ones a graph uses."""
     return fn
@@ -80,7 +89,9 @@ class GraphCache:
         self._weights: Hashable = None
         self._graphs: dict[Hashable, _Captured] = {}
         self._buffers: list[torch.Tensor] = []  # one flat buffer per output, shared by every graph
-        self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        cuda = device.type == "cuda"
+        self._pool = torch.cuda.graph_pool_handle() if cuda else None
+        self._stream = torch.cuda.Stream(device) if cuda else None  # every capture's, and nothing else's
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -106,7 +117,7 @@ class GraphCache:
         body: Callable[[torch.Tensor], Sequence[torch.Tensor]],
     ) -> tuple[torch.Tensor, ...] | None:
         if weights != self._weights:
-            self.clear()
+            self._clear()
             self._weights = weights
         captured = self._graphs.get(key)
         if captured is not None:
@@ -130,13 +141,17 @@ class GraphCache:
             for out, result in zip(outputs, body(inputs)):
                 out.copy_(result)
 
-        replay = self._capture(fn, self.device, self._pool)
+        replay = self._capture(fn, self.device, self._pool, self._stream)
         self.captures += 1
         self._graphs[key] = _Captured(inputs, replay, outputs)
         return outputs
 
     def clear(self) -> None:
         """Drop every graph and buffer (their memory goes back when nothing else holds it)."""
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
         self._graphs.clear()
         self._buffers.clear()
         self._weights = None

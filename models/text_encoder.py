@@ -242,14 +242,15 @@ class TextEncoder(torch.nn.Module):
         # All host work before the first copy to the device: a copy from pageable memory waits
         # for the device to finish the work queued before it (the previous batch).
         device = t.positional_embedding.device
-        trie = share_prefixes and self.shares_prefixes
-        graphs = self._graph_cache(device) if trie else None
-        arrays = _plan_arrays(ids, lengths, self._graph_bucket if graphs is not None else None) if trie else None
+        trie = _prefix_trie(ids, lengths) if share_prefixes and self.shares_prefixes else None
+        graphs = self._graph_cache(device) if trie is not None else None
+        bucket = self._graph_bucket if graphs is not None else None
+        arrays = None if trie is None else _plan_arrays(ids, lengths, bucket, trie)
         host_lengths, mask, lengths = lengths, to_device(mask, device), to_device(torch.from_numpy(lengths), device)
         if arrays is not None:
             results = self._encode_prefix_trie(t, arrays, graphs)  # (rows >= B, cols, D), (rows, E)
             if results is None:  # no graph for this shape: the plan as it is, not padded for one
-                results = self._encode_prefix_trie(t, _plan_arrays(ids, host_lengths), None)
+                results = self._encode_prefix_trie(t, _plan_arrays(ids, host_lengths, None, trie), None)
             tokens, pooled = results
             tokens, pooled = tokens[: len(ids), : ids.shape[1]], pooled[: len(ids)]
             if tokens.shape[1] < ids.shape[1]:
@@ -483,25 +484,29 @@ class _TriePlan(NamedTuple):
 
 
 def _plan_arrays(
-    ids: np.ndarray, lengths: np.ndarray, bucket: Callable[[int, int, int], tuple[int, int, int]] | None = None
+    ids: np.ndarray, lengths: np.ndarray, bucket: Callable[[int, int, int], tuple[int, int, int]] | None = None,
+    trie: tuple[np.ndarray, ...] | None = None,
 ) -> list[np.ndarray]:
-    """`ids` (B, L) and `lengths` (B,) int64 host arrays -> `_TriePlan`'s arrays (int64, in its
-    field order). With `bucket`, (B, longest, N) -> (rows, cols, nodes) no smaller: the arrays
-    are padded to that shape (a CUDA graph's), and what the padding adds computes garbage no
-    real caption reads: extra nodes are token 0 at position 0, extra rows and columns read node
-    0 (past a caption's end is never attended to from within it: the tower is causal)."""
-    order, node_of, first_row, first_col = _prefix_trie(ids, lengths)
+    """`ids` (B, L) and `lengths` (B,) int64 host arrays (and their `_prefix_trie`, when made
+    already) -> `_TriePlan`'s arrays (int64, in its field order). With `bucket`,
+    (B, longest, N) -> (rows, cols, nodes) no smaller: the arrays are padded to that shape (a
+    CUDA graph's; the U distinct EOT nodes to `rows`), and what the padding adds computes
+    garbage no real caption reads: extra nodes are token 0 at position 0, extra rows and
+    columns read node 0 (past a caption's end is never attended to from within it: the tower
+    is causal)."""
+    order, node_of, first_row, first_col = _prefix_trie(ids, lengths) if trie is None else trie
     B, longest = node_of.shape
     rows, cols, nodes = (B, longest, len(first_row)) if bucket is None else bucket(B, longest, len(first_row))
     sorted_lengths = lengths[order]  # (B,)
     eot_node, caption_eot = np.unique(node_of[np.arange(B), sorted_lengths - 1], return_inverse=True)
+    eots = len(eot_node) if bucket is None else rows
     unsort = np.empty_like(order)
     unsort[order] = np.arange(B)  # (B,) input row -> its sorted row
     node_of = np.maximum(node_of, 0)
     node_at = first_row * cols + first_col  # (N,) flat positions in a (rows, cols) layout
     arrays = [
         (ids[order[first_row], first_col], (nodes,)), (first_col, (nodes,)), (node_at, (nodes,)),
-        (node_of, (rows, cols)), (eot_node, (rows,)), (node_at[eot_node], (rows,)),
+        (node_of, (rows, cols)), (eot_node, (eots,)), (node_at[eot_node], (eots,)),
         (caption_eot.reshape(-1)[unsort], (rows,)), (node_of[unsort], (rows, cols)),
     ]  # fmt: skip
     return [_padded(np.asarray(a, dtype=np.int64), shape) for a, shape in arrays]

@@ -27,9 +27,9 @@ class Body:
 def _cache(limit: int = 8) -> tuple[GraphCache, list]:
     captured = []
 
-    def capture(fn, device, pool):
+    def capture(fn, device, pool, stream):
         captured.append(fn)  # a CUDA capture records fn's kernels; it does not run them
-        return run_eagerly(fn, device, pool)
+        return run_eagerly(fn, device, pool, stream)
 
     return GraphCache(CPU, capture=capture, limit=limit), captured
 

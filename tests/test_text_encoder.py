@@ -361,6 +361,7 @@ def test_prefix_path_gathers_with_index_select_and_one_plan_copy(layer):
     assert ran["aten::index_select"] >= 2 * len(enc.clip.transformer.resblocks)
     plan = _TriePlan.from_ids(text.numpy(), enc.token_lengths(text).numpy())
     assert len({t.untyped_storage().data_ptr() for t in plan}) == 1
+    assert plan.eot_node.shape == plan.eot_at.shape == (3,)  # the distinct captions' ends, unpadded
 
 
 @pytest.mark.parametrize("layer", ["penultimate", "last"])
@@ -679,9 +680,9 @@ def test_a_full_graph_cache_runs_new_shapes_unpadded_and_says_so_once(caplog):
     planned = []
     original = text_encoder_module._plan_arrays
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(text_encoder_module, "_plan_arrays", lambda *a: planned.append(len(a)) or original(*a))
+        mp.setattr(text_encoder_module, "_plan_arrays", lambda *a: planned.append(a[2] is not None) or original(*a))
         got = [enc.encode_tokens(ids), enc.encode_tokens(ids), enc.encode_tokens(ids[:2])]
-    assert planned == [3, 2, 3, 2, 3]  # padded for a graph, then as it is, where none can be made
+    assert planned == [True, False, True, False, True]  # padded for a graph, then as it is where none can be made
     assert len(graphs) == graphs.captures == 1
     for out, ref in zip(got, [expected[1], expected[1], expected[0]]):
         torch.testing.assert_close(out.tokens, ref.tokens, rtol=1e-5, atol=1e-5)
