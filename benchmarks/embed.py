@@ -269,6 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
         "target": {"speedup_cpu": 10.0, "captions_per_s_h100_vit_b_32_batch_1024": 25000},
         "torch": torch.__version__,
     }
+    if gpu:  # graphs hold their inputs, shared outputs and one pool of scratch memory on top of eager's
+        out["cuda_max_memory_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        out["cuda_memory_reserved_mb"] = round(torch.cuda.memory_reserved(device) / 2**20, 1)
     if True in graph_modes:
         graphs_rate = len(batched) / batched_s[True]
         out["graphs_captions_per_s"] = round(graphs_rate, 2)  # embed.cuda_graphs on, captures included
