@@ -246,11 +246,11 @@ class TextEncoder(torch.nn.Module):
         graphs = self._graph_cache(device) if trie is not None else None
         bucket = self._graph_bucket if graphs is not None else None
         arrays = None if trie is None else _plan_arrays(ids, lengths, bucket, trie)
-        host_lengths, mask, lengths = lengths, to_device(mask, device), to_device(torch.from_numpy(lengths), device)
+        mask, device_lengths = to_device(mask, device), to_device(torch.from_numpy(lengths), device)
         if arrays is not None:
             results = self._encode_prefix_trie(t, arrays, graphs)  # (rows >= B, cols, D), (rows, E)
             if results is None:  # no graph for this shape: the plan as it is, not padded for one
-                results = self._encode_prefix_trie(t, _plan_arrays(ids, host_lengths, None, trie), None)
+                results = self._encode_prefix_trie(t, _plan_arrays(ids, lengths, None, trie), None)
             tokens, pooled = results
             tokens, pooled = tokens[: len(ids), : ids.shape[1]], pooled[: len(ids)]
             if tokens.shape[1] < ids.shape[1]:
@@ -258,7 +258,7 @@ class TextEncoder(torch.nn.Module):
         else:
             tokens, pooled = self._encode_padded(t, text)
         tokens = tokens.masked_fill(~mask[:, :, None], 0)  # (B, L', D)
-        return TextEncoding(tokens=tokens, mask=mask, pooled=pooled, lengths=lengths)
+        return TextEncoding(tokens=tokens, mask=mask, pooled=pooled, lengths=device_lengths)
 
     def _encode_padded(self, t: _TextModules, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """open_clip's CLIP.encode_text over (B, L) padded rows, keeping the configured layer's
@@ -292,8 +292,7 @@ class TextEncoder(torch.nn.Module):
         garbage past each end and in padding rows; pooled (rows, E)). With `graphs`, through
         the CUDA graph of the plan's shapes, or None when there is none and `graphs` is full."""
         blocks = self._autocast_blocks(t.transformer.resblocks)  # before any capture: it may copy the blocks
-        shapes = [a.shape for a in arrays]
-        flat = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays]))  # one copy to the device
+        flat, shapes = _flattened(arrays)
 
         def tower(on_device: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return self._tower_over_prefixes(t, _TriePlan.from_flat(on_device, shapes), blocks)
@@ -471,10 +470,8 @@ class _TriePlan(NamedTuple):
     @classmethod
     def from_ids(cls, ids: np.ndarray, lengths: np.ndarray, device: torch.device | str = "cpu") -> _TriePlan:
         """`ids` (B, L) and `lengths` (B,) int64 host arrays -> the plan on `device`."""
-        arrays = _plan_arrays(ids, lengths)
-        # One buffer, one copy to the device (a pinned copy each would cost a launch and a pin).
-        flat = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays]))
-        return cls.from_flat(to_device(flat, torch.device(device)), [a.shape for a in arrays])
+        flat, shapes = _flattened(_plan_arrays(ids, lengths))
+        return cls.from_flat(to_device(flat, torch.device(device)), shapes)
 
     @classmethod
     def from_flat(cls, flat: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> _TriePlan:
@@ -510,6 +507,12 @@ def _plan_arrays(
         (caption_eot.reshape(-1)[unsort], (rows,)), (node_of[unsort], (rows, cols)),
     ]  # fmt: skip
     return [_padded(np.asarray(a, dtype=np.int64), shape) for a, shape in arrays]
+
+
+def _flattened(arrays: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    """A plan's arrays as one host tensor and their shapes (`_TriePlan.from_flat` undoes it):
+    one buffer, one copy to the device (a pinned copy each would cost a launch and a pin)."""
+    return torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays])), [a.shape for a in arrays]
 
 
 def _padded(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -717,7 +717,7 @@ def _build_and_publish(
                 "device": str(encoder.device),
                 "autocast": "bfloat16" if encoder.device.type == "cuda" else None,
                 "batch_size": config.batch_size,
-                "cuda_graphs": encoder._graph_cache(encoder.device) is not None,  # padded shapes: other bf16 rounding
+                "cuda_graphs": encoder.cuda_graphs and encoder.device.type == "cuda",  # padded shapes: other bf16 rounding
             },
             "software": {
                 "python": platform.python_version(),
