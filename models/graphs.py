@@ -19,6 +19,12 @@ on one stream share their scratch memory, and cuBLAS keeps a workspace per strea
 capture takes from the graphs' pool (eager work on that stream would write into it; see
 pytorch#193832). Graphs are dropped all at once (`clear`), never one by one, since graphs
 captured on one stream share that workspace (pytorch#193402).
+
+A graph replays what its capture recorded, so a value the capture fixed (a host-side scalar
+read from the batch, a tensor other than the static input) would go on giving the captured
+batch's answer. The first replay of a cache's graphs is therefore compared with `body` run
+eagerly on the same inputs; a disagreement, like a failed capture, raises `GraphError`, and
+the caller runs its own path instead.
 """
 
 from __future__ import annotations
@@ -33,9 +39,18 @@ import torch
 # and the kernels' parameters, and a capture costs a device synchronization.
 GRAPH_LIMIT = 64
 
+# How far a replay may be from `body` run eagerly on its inputs (`relative_difference`): the
+# same kernels on the same inputs, bar cuBLAS picking another algorithm for another stream's
+# workspace. A value the capture fixed is off by the values' own size.
+REPLAY_TOLERANCE = 2e-2
+
 # One capture at a time in a process: captures from two threads (a Dask worker's) would
 # otherwise interleave their kernels.
 _capturing = threading.Lock()
+
+
+class GraphError(RuntimeError):
+    """A graph could not be captured, or its replay disagrees with the computation run eagerly."""
 
 
 class _Captured(NamedTuple):
@@ -90,6 +105,7 @@ class GraphCache:
         self._graphs: dict[Hashable, _Captured] = {}
         self._buffers: list[torch.Tensor] = []  # one flat buffer per output, shared by every graph
         cuda = device.type == "cuda"
+        self._checked = False  # whether a replay of these graphs has matched `body` run eagerly
         self._pool = torch.cuda.graph_pool_handle() if cuda else None
         self._stream = torch.cuda.Stream(device) if cuda else None  # every capture's, and nothing else's
         self._lock = threading.Lock()
@@ -107,7 +123,8 @@ class GraphCache:
     ) -> tuple[torch.Tensor, ...] | None:
         """`body(inputs)` -> outputs, through the graph of `key` -> new tensors holding them; None
         when the cache is full and `key` is new (the caller then runs its own path). `host_inputs`
-        is a 1-D host tensor; every key has one size. `body` must not sync with the host."""
+        is a 1-D host tensor; every key has one size. `body` must not sync with the host.
+        Raises `GraphError` when a capture fails or the first replay disagrees with `body`."""
         with self._lock:
             outputs = self._run(key, weights, host_inputs, body)
             return None if outputs is None else tuple(out.clone() for out in outputs)  # queued before any next replay
@@ -126,6 +143,8 @@ class GraphCache:
                                  f"{tuple(captured.inputs.shape)} {captured.inputs.dtype}")
             _queue_copy(captured.inputs, host_inputs)
             captured.replay()
+            if not self._checked:
+                self._check(key, captured, body)
             return captured.outputs
         if self.full:
             return None
@@ -141,10 +160,24 @@ class GraphCache:
             for out, result in zip(outputs, body(inputs)):
                 out.copy_(result)
 
-        replay = self._capture(fn, self.device, self._pool, self._stream)
+        try:
+            replay = self._capture(fn, self.device, self._pool, self._stream)
+        except RuntimeError as error:  # an op that cannot be captured
+            raise GraphError(f"graph {key}: capture failed: {error}") from error
         self.captures += 1
         self._graphs[key] = _Captured(inputs, replay, outputs)
         return outputs
+
+    def _check(self, key: Hashable, captured: _Captured, body: Callable[[torch.Tensor], Sequence[torch.Tensor]]) -> None:
+        """A replay's outputs against `body` run eagerly on the same inputs, which are a batch
+        other than the captured one (a first call of a key returns the eager run): what the
+        capture fixed shows. Once per set of graphs; it syncs with the device."""
+        for i, (got, expected) in enumerate(zip(captured.outputs, body(captured.inputs))):
+            difference = relative_difference(got, expected)
+            if not difference <= REPLAY_TOLERANCE:  # NaN fails too
+                raise GraphError(f"graph {key}: output {i} of a replay differs from the same inputs run "
+                                 f"eagerly by {difference:.3g} of its largest value")
+        self._checked = True
 
     def clear(self) -> None:
         """Drop every graph and buffer (their memory goes back when nothing else holds it)."""
@@ -155,6 +188,7 @@ class GraphCache:
         self._graphs.clear()
         self._buffers.clear()
         self._weights = None
+        self._checked = False
         if self.device.type == "cuda":
             self._pool = torch.cuda.graph_pool_handle()
 
@@ -172,6 +206,19 @@ class GraphCache:
                 buffer = self._buffers[i] = torch.empty(r.numel(), dtype=r.dtype, device=self.device)
             views.append(buffer[: r.numel()].view(r.shape))
         return tuple(views)
+
+
+def relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest difference of `got` from `expected`, relative to `expected`'s largest
+    magnitude (0 for equal tensors, NaN where either holds a NaN the other does not)."""
+    got, expected = got.float(), expected.float()
+    if got.shape != expected.shape:
+        raise ValueError(f"shapes {tuple(got.shape)} and {tuple(expected.shape)}")
+    if torch.equal(got.isnan(), expected.isnan()):
+        got, expected = got.nan_to_num(0.0), expected.nan_to_num(0.0)
+    if got.numel() == 0 or torch.equal(got, expected):
+        return 0.0
+    return float((got - expected).abs().max() / expected.abs().max())
 
 
 def _queue_copy(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .checkpoint import UnsafeCheckpointError
-from .graphs import GraphCache
+from .graphs import GraphCache, GraphError
 from .tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -178,8 +178,11 @@ class TextEncoder(torch.nn.Module):
         # submodule: not in state_dict.
         self._cast_blocks: tuple[torch.dtype, list[tuple[weakref.ref, tuple]], torch.nn.ModuleList] | None = None
         # Run the prefix path on a GPU through CUDA graphs, one per padded plan shape (see
-        # `models.graphs`): a launch per batch instead of one per op. Ignored on the CPU.
+        # `models.graphs`): a launch per batch instead of one per op. Ignored on the CPU. Turned
+        # off, with `graphs_error` saying why, when a capture fails or a replay disagrees with
+        # the tower run eagerly.
         self.cuda_graphs = cuda_graphs
+        self.graphs_error: str | None = None
         self._graphs: GraphCache | None = None
         self._warned_graphs_full = False
 
@@ -290,7 +293,8 @@ class TextEncoder(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The tower over a batch's plan (`_plan_arrays`) -> (tokens (rows, cols, D) after ln_final,
         garbage past each end and in padding rows; pooled (rows, E)). With `graphs`, through
-        the CUDA graph of the plan's shapes, or None when there is none and `graphs` is full."""
+        the CUDA graph of the plan's shapes, or None when there is none and `graphs` is full,
+        or when the graphs failed (then turned off for good)."""
         blocks = self._autocast_blocks(t.transformer.resblocks)  # before any capture: it may copy the blocks
         flat, shapes = _flattened(arrays)
 
@@ -302,7 +306,11 @@ class TextEncoder(torch.nn.Module):
             autocast = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
             # A graph replays this memory as these tensors laid it out.
             weights = tuple((p.data_ptr(), p.dtype, p.shape) for p in _tower_tensors(t, blocks))
-            results = graphs.run((tuple(shapes), autocast), weights, flat, tower)
+            try:
+                results = graphs.run((tuple(shapes), autocast), weights, flat, tower)
+            except GraphError as error:
+                self._give_up_graphs(error)
+                return None
             if results is None and not self._warned_graphs_full:
                 self._warned_graphs_full = True
                 log.warning("text encoder: %d CUDA graphs held, the most; batch shapes beyond them run without one",
@@ -378,6 +386,12 @@ class TextEncoder(torch.nn.Module):
         if self._graphs is None or self._graphs.device != device:
             self._graphs = GraphCache(device) if device.type == "cuda" else None
         return self._graphs
+
+    def _give_up_graphs(self, error: GraphError) -> None:
+        """Turn CUDA graphs off for this encoder after `error`: the batch and the ones after it
+        run eagerly. Batches replayed before passed the first replay's check."""
+        log.warning("text encoder: CUDA graphs turned off, batches run without them: %s", error)
+        self.cuda_graphs, self.graphs_error, self._graphs = False, str(error), None
 
     def _graph_bucket(self, rows: int, cols: int, nodes: int) -> tuple[int, int, int]:
         """A plan's shape (rows B, columns L, trie nodes N) -> the padded shape its graph runs,

@@ -116,7 +116,8 @@ class EmbedConfig(BaseModel):
     cuda_graphs: bool = Field(
         False,
         description="on a GPU, run the text tower through CUDA graphs (one launch per batch instead of one "
-        "per op; a graph per padded batch shape, captured on first use); ignored on the CPU",
+        "per op; a graph per padded batch shape, captured on first use; turned off with a warning if a capture "
+        "fails or the first replay disagrees with the tower run eagerly); ignored on the CPU",
     )
     tokenize_workers: int | None = Field(
         None,
@@ -718,6 +719,7 @@ def _build_and_publish(
                 "autocast": "bfloat16" if encoder.device.type == "cuda" else None,
                 "batch_size": config.batch_size,
                 "cuda_graphs": encoder.cuda_graphs and encoder.device.type == "cuda",  # padded shapes: other bf16 rounding
+                "cuda_graphs_error": encoder.graphs_error,  # why they were turned off mid-run, if they were
             },
             "software": {
                 "python": platform.python_version(),

@@ -171,6 +171,28 @@ def test_round_trip_padding_mask_and_one_encode_per_distinct_caption(toy, config
     assert torch.equal(train.tokens[0], train.tokens[2])  # duplicate captions share one stored embedding
 
 
+def test_graphs_that_fail_mid_stage_leave_a_whole_set_and_the_reason_in_the_manifest(toy, config, monkeypatch, caplog):
+    from models.graphs import GraphCache
+    from models.text_encoder import TextEncoder
+
+    def capture(fn, device, pool, stream):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    def failing_graphs(self, device):  # what a GPU's cache does when a capture fails, on the CPU
+        if self.cuda_graphs and self._graphs is None:
+            self._graphs = GraphCache(device, capture=capture)
+        return self._graphs if self.cuda_graphs else None
+
+    monkeypatch.setattr(TextEncoder, "_graph_cache", failing_graphs)
+    es = embed_dataset(toy, config.model_copy(update={"cuda_graphs": True}), progress=False)
+    compute = read_manifest(es.path)["compute"]
+    assert compute["cuda_graphs"] is False and "capture failed: operation not permitted" in compute["cuda_graphs_error"]
+    assert sum("CUDA graphs turned off" in r.getMessage() for r in caplog.records) == 1
+    loaded, fresh = load_embeddings(es, "train"), build_encoder(config).encode(TRAIN)  # every row, as without graphs
+    assert_fp16_close(loaded.tokens[loaded.mask], fresh.tokens[fresh.mask])
+    torch.testing.assert_close(loaded.pooled, fresh.pooled, rtol=1e-5, atol=1e-5)
+
+
 def test_streamed_shards_batch_alike_captions_and_padding_length_is_the_callers(toy, config, monkeypatch):
     calls: list[list[str]] = []
     original = embed_module._encode_batch
@@ -283,7 +305,7 @@ def test_cuda_shard_holds_the_encoders_states(config, tmp_path, monkeypatch, cud
     pooled = np.frombuffer(b"".join(table.column("pooled").to_pylist()), dtype="<f4").reshape(len(captions), -1)
     torch.testing.assert_close(torch.from_numpy(pooled.copy()), fresh.pooled.float().cpu(), rtol=1e-3, atol=1e-3)
     if cuda_graphs:  # the stage's batch and `fresh` had one shape: one capture; writing again replays it
-        assert encoder._graphs.captures == 1
+        assert encoder._graphs.captures == 1 and encoder.graphs_error is None  # its first replay matched eager
         write_caption_shard(encoder, captions, tmp_path / "again.parquet", batch_size=len(captions))
         again = pq.read_table(tmp_path / "again.parquet")
         assert encoder._graphs.captures == 1 and again.column("caption").equals(table.column("caption"))

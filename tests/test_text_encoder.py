@@ -690,6 +690,29 @@ def test_a_full_graph_cache_runs_new_shapes_unpadded_and_says_so_once(caplog):
     assert sum("CUDA graphs held" in r.getMessage() for r in caplog.records) == 1
 
 
+@pytest.mark.parametrize("failure", ["capture", "replay"])
+def test_graphs_that_fail_are_turned_off_and_batches_run_without_them(failure, caplog):
+    enc = _random(seed=3)
+    ids = enc.tokenize(["a red circle", "two blue squares", "a small red circle next to a big blue square"])
+    batches = [ids[:2], ids[1:], ids[:2]]  # one shape: the second batch is the first replay
+    expected = [enc.encode_tokens(text) for text in batches]
+
+    def capture(fn, device, pool, stream):
+        if failure == "capture":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return lambda: None  # a graph that records nothing: its outputs keep the batch before's
+
+    _graphed(enc)._capture = capture
+    got = [enc.encode_tokens(text) for text in batches]
+    for out, ref in zip(got, expected):
+        torch.testing.assert_close(out.tokens, ref.tokens, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.pooled, ref.pooled, rtol=1e-5, atol=1e-5)
+    assert not enc.cuda_graphs and enc._graphs is None
+    assert enc.graphs_error.startswith(f"graph ((") and ("capture failed" if failure == "capture" else "differs") in enc.graphs_error
+    warnings = [r.getMessage() for r in caplog.records if "CUDA graphs turned off" in r.getMessage()]
+    assert len(warnings) == 1 and enc.graphs_error in warnings[0]
+
+
 def test_graph_buckets_cover_the_plan_and_stay_few():
     enc = _random()
     shapes = set()
