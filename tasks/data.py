@@ -128,8 +128,9 @@ def read_images(
         with Image.open(io.BytesIO(blob)) as im:
             if im.size != (res, res):
                 raise TrainDataError(
-                    f"image {id_} of {dataset.name}@{dataset.version} is {im.size[0]}x{im.size[1]}, but the "
-                    f"dataset version says resolution {res}; re-ingest the dataset at the training resolution"
+                    f"image {id_} of {dataset.name}@{dataset.version} is {im.size[0]}x{im.size[1]}, but training "
+                    f"needs {res}x{res} images (the dataset's resolution); an ingest with resize_mode keep_ratio "
+                    "keeps the aspect: re-ingest with resize_mode center_crop or pad"
                 )
             images[i] = np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)  # (3, H, W)
 
@@ -156,11 +157,13 @@ def load_train_data(
     storage: Literal["memory", "disk"] = "memory",
     cache_dir: Path | None = None,
 ) -> TrainData:
-    """Join a split's decoded images with its caption embeddings by `id`; validate on the way.
+    """Join a split's decoded images with its caption embeddings by row `id` and caption (one
+    image may have several captions, each its own row: `dedupe` other than "image"); validate
+    on the way.
 
     `storage="disk"` memory-maps the images and the per-caption token states into files in
     `cache_dir` (required then); the samples and their order are the same either way."""
-    from tasks.embed import load_embeddings  # the embed stage owns the on-disk embedding format
+    from tasks.embed import caption_id, load_embeddings  # the embed stage owns the on-disk embedding format
 
     if storage not in ("memory", "disk"):
         raise ValueError(f"storage must be 'memory' or 'disk', got {storage!r}")
@@ -175,14 +178,15 @@ def load_train_data(
         embeddings, split=split, max_length=max_length, per_caption=on_disk,
         tokens_file=cache_dir / f"{split}-tokens.f16" if on_disk else None,
     )  # fmt: skip
-    row_of = {id_: i for i, id_ in enumerate(emb.ids)}
-    missing = [i for i in ids if i not in row_of]
+    row_of = {key: i for i, key in enumerate(zip(emb.ids, emb.caption_ids))}
+    keys = [(id_, caption_id(caption)) for id_, caption in zip(ids, captions)]
+    missing = [id_ for id_, key in zip(ids, keys) if key not in row_of]
     if missing:
         raise TrainDataError(
-            f"{len(missing)} of {len(ids)} {split!r} rows of {dataset.name}@{dataset.version} have no embedding in "
-            f"{embeddings.path} (first: {missing[:3]}); re-run the embed stage for this dataset version"
+            f"{len(missing)} of {len(ids)} {split!r} rows of {dataset.name}@{dataset.version} have no embedding of "
+            f"their caption in {embeddings.path} (first ids: {missing[:3]}); re-run the embed stage for this dataset version"
         )
-    rows = torch.tensor([row_of[i] for i in ids], dtype=torch.long)
+    rows = torch.tensor([row_of[key] for key in keys], dtype=torch.long)
     # In memory: caption tables gathered row-aligned with the images. On disk: one token-state
     # row per distinct caption, left in its file, and each sample's row in caption_rows.
     per_row = slice(None) if on_disk else rows

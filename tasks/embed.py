@@ -146,7 +146,8 @@ class LoadedEmbeddings:
     """One split's caption embeddings, padded to a common length L, row-aligned with `ids`."""
 
     split: str
-    ids: list[str]
+    ids: list[str]  # the dataset rows' ids: an image's sha256, so an image with two captions has two rows of one id
+    caption_ids: list[str]  # each row's `caption_id`; with `ids`, what tells such rows apart
     tokens: torch.Tensor  # (N, L, D) float16, zero past each caption's length
     mask: torch.Tensor  # (N, L) bool, True = real token (start..end-of-text)
     lengths: torch.Tensor  # (N,) long, real tokens per caption
@@ -286,6 +287,7 @@ def load_embeddings(
     return LoadedEmbeddings(
         split=split,
         ids=ids,
+        caption_ids=caption_ids,
         tokens=tokens_u[rows],
         mask=mask_u[rows],
         lengths=lengths_u[rows],

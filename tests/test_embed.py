@@ -193,6 +193,38 @@ def test_graphs_that_fail_mid_stage_leave_a_whole_set_and_the_reason_in_the_mani
     torch.testing.assert_close(loaded.pooled, fresh.pooled, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+def test_an_image_with_two_captions_trains_on_each_captions_embedding(tmp_path, config, storage):
+    from tasks.data import load_train_data
+
+    dataset = write_dataset(tmp_path / "dataset", {"train": TRAIN, "val": VAL})
+    part = Path(dataset.root) / "train" / "part-00000.parquet"
+    table = pq.read_table(part).to_pydict()
+    for column in ("id", "image"):  # row 1 is row 0's image with its own caption, as dedupe="image_caption" keeps
+        table[column][1] = table[column][0]
+    pq.write_table(pa.table(table), part)
+    es = embed_dataset(dataset, config, data_root=tmp_path, progress=False)
+    data = load_train_data(dataset, es, storage=storage, cache_dir=tmp_path / "cache")
+    fresh = build_encoder(config).encode(TRAIN)
+    assert data.ids[0] == data.ids[1] and data.captions == TRAIN
+    pooled = data.pooled[data.caption_rows] if storage == "disk" else data.pooled
+    torch.testing.assert_close(pooled, fresh.pooled, rtol=1e-5, atol=1e-5)  # each row its own caption's
+
+
+def test_a_dataset_of_images_not_square_at_its_resolution_names_the_resize_mode(tmp_path):
+    from tasks.data import TrainDataError, read_images
+
+    dataset = write_dataset(tmp_path / "dataset", {"train": TRAIN[:2]})
+    part = Path(dataset.root) / "train" / "part-00000.parquet"
+    table = pq.read_table(part).to_pydict()
+    buf = io.BytesIO()
+    Image.new("RGB", (11, 8)).save(buf, format="PNG")  # what resize_mode keep_ratio gives a wide image
+    table["image"][1] = buf.getvalue()
+    pq.write_table(pa.table(table), part)
+    with pytest.raises(TrainDataError, match=r"is 11x8, but training needs 8x8 images .* resize_mode center_crop or pad"):
+        read_images(dataset, "train", workers=1)
+
+
 def test_streamed_shards_batch_alike_captions_and_padding_length_is_the_callers(toy, config, monkeypatch):
     calls: list[list[str]] = []
     original = embed_module._encode_batch
