@@ -186,6 +186,8 @@ class TextToImage:
         else:
             save_weights(self.text_encoder.clip.state_dict(), directory / TEXT_ENCODER_FILE)
             config["text_encoder"] = {**config["text_encoder"], "weights": TEXT_ENCODER_FILE}
+            # A pretrained tag's image preprocessing (its mean and std) is not in the weights file.
+            config["text_encoder_image_preprocess"] = self.text_encoder.image_preprocess
         write_json_atomic(directory / CONFIG_FILE, config)  # written last: its presence marks a complete save
         return directory
 
@@ -207,6 +209,8 @@ class TextToImage:
         if te_dict.get("weights") == TEXT_ENCODER_FILE:
             te_dict["weights"] = str(directory / TEXT_ENCODER_FILE)
         text_encoder = TextEncoder(TextEncoderConfig.from_dict(te_dict), device=device)
+        if "text_encoder_image_preprocess" in config:
+            text_encoder.use_image_preprocess(config["text_encoder_image_preprocess"])
         if text_encoder.is_random_init:
             found = weights_fingerprint(text_encoder.clip.state_dict())
             if found != config.get("text_encoder_fingerprint"):

@@ -407,6 +407,17 @@ class TextEncoder(torch.nn.Module):
         state = super().__getstate__()  # a pickled encoder (a Dask worker's) makes its own copy
         return {**state, "_cast_blocks": None, "_graphs": None}
 
+    @property
+    def image_preprocess(self) -> dict[str, Any]:
+        """How `encode_images` prepares images (size, resize_mode, mean, std, ...): the model
+        config's, or a pretrained tag's where the tag sets its own. A weights file alone does not
+        carry it, so a saved model stores it beside the copied weights (`use_image_preprocess`)."""
+        return dict(self.clip.visual.preprocess_cfg)
+
+    def use_image_preprocess(self, preprocess: dict[str, Any]) -> None:
+        """Prepare images as `preprocess` (an `image_preprocess` saved before) says."""
+        self.clip.visual.preprocess_cfg = {**self.clip.visual.preprocess_cfg, **preprocess}
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, E) unnormalised CLIP image embeddings.

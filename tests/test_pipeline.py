@@ -111,6 +111,20 @@ def test_trained_encoder_weights_travel_with_the_model(tiny_clip, pipe, tmp_path
     assert torch.equal(with_file.generate(["x"], 0, params), loaded.generate(["x"], 0, params))
 
 
+def test_a_pretrained_tags_image_preprocessing_travels_with_the_model(tiny_clip, pipe, tmp_path):
+    weights = tmp_path / "clip.safetensors"
+    from models.checkpoint import save_weights
+
+    save_weights(pipe.text_encoder.clip.state_dict(), weights)
+    encoder = TextEncoder(TextEncoderConfig(model_name=tiny_clip, weights=str(weights)))
+    encoder.use_image_preprocess({"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)})  # what such a tag sets
+    TextToImage(pipe.unet, pipe.schedule, encoder, resolution=8).save(tmp_path / "model")
+    loaded = TextToImage.load(tmp_path / "model").text_encoder  # from the copied weights file, not the tag
+    assert tuple(loaded.image_preprocess["mean"]) == (0.5, 0.5, 0.5) and tuple(loaded.image_preprocess["std"]) == (0.5, 0.5, 0.5)
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded.encode_images(images), encoder.encode_images(images))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
