@@ -15,8 +15,9 @@ plus this `models` package as code, and is logged "from code" (`write_model_code
 ever loaded: weights go through safetensors only, configs through JSON.
 
 Request: a DataFrame, one row per image, with `prompt` (str) and optional `seed` (int, default the
-row's position), `steps` (int), `guidance_scale` (float), `sampler` (str). Response: one base64 PNG
-string per row. Served over HTTP:
+row's position), `steps` (int), `guidance_scale` (float), `sampler` (str). An optional column, once
+given, needs a value in every row: the signature types `seed` and `steps` as integers, which a
+gap cannot be. Response: one base64 PNG string per row. Served over HTTP:
 
     curl -s http://127.0.0.1:5000/invocations -H 'Content-Type: application/json' \
          -d '{"dataframe_records": [{"prompt": "a red circle in the top left", "seed": 0}]}'
@@ -347,4 +348,10 @@ class TextToImageModel(PythonModel):
             raise InvalidRequestError(
                 f"this model takes no params ({sorted(params)}); put steps, guidance_scale, sampler in the rows"
             )
-        return generate_pngs(self.pipe, parse_requests(model_input))
+        requests = parse_requests(model_input)
+        for i, request in enumerate(requests):
+            try:
+                self.pipe.sampler(request.params)  # steps that this model's schedule cannot take, before any work
+            except ValueError as exc:
+                raise InvalidRequestError(f"row {i}: {exc}") from exc
+        return generate_pngs(self.pipe, requests)

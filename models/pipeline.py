@@ -97,6 +97,13 @@ class TextToImage:
         self.text_encoder.to(device)
         return self
 
+    def sampler(self, params: GenerationParams):
+        """The sampler `generate` runs for `params` on this model's schedule; a ValueError says
+        why when the two do not fit (e.g. more DDIM steps than the schedule has)."""
+        kwargs = {"eta": params.eta} if params.sampler == "ddim" else {}
+        steps = None if params.sampler == "ddpm" and params.steps >= self.schedule.num_train_timesteps else params.steps
+        return make_sampler(params.sampler, self.schedule, steps, **kwargs)
+
     @torch.no_grad()
     def generate(
         self,
@@ -126,9 +133,7 @@ class TextToImage:
             params.guidance_scale,
             **pooled,
         )
-        kwargs = {"eta": params.eta} if params.sampler == "ddim" else {}
-        steps = None if params.sampler == "ddpm" and params.steps >= self.schedule.num_train_timesteps else params.steps
-        sampler = make_sampler(params.sampler, self.schedule, steps, **kwargs)
+        sampler = self.sampler(params)
         shape = (3, self.resolution, self.resolution)
         # x_T per prompt from its own seed, drawn on the CPU so a seed means the same image on any device.
         x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seed_list])

@@ -135,6 +135,10 @@ def test_load_by_alias_generate_and_sample_images(registered):
 
     with pytest.raises(MlflowException, match="unknown sampler"):
         model.predict(pd.DataFrame({"prompt": ["x"], "sampler": ["euler"]}))
+    # Steps this model's schedule cannot take (DPM-Solver++ needs fewer than its T): refused, before any image.
+    T = model.unwrap_python_model().pipe.schedule.num_train_timesteps
+    with pytest.raises(MlflowException, match=rf"row 1: num_inference_steps must be an integer in \[1, {T - 1}\]"):
+        model.predict(pd.DataFrame({"prompt": ["x", "y"], "steps": [4, T], "sampler": ["ddim", "dpmpp_2m"]}))
 
 
 @pytest.mark.parametrize(
