@@ -145,6 +145,9 @@ def register_model(
         version_tags["previous_champion"] = str(champion.version)
     for key, value in version_tags.items():
         client.set_model_version_tag(name, mv.version, key, value)
+    if existing is not None:  # this evaluation replaces the last one's metrics; it does not mix with them
+        for key in sorted(k for k in existing.tags if k.startswith(EVAL_PREFIX) and k not in version_tags):
+            client.delete_model_version_tag(name, mv.version, key)
 
     if existing is None or _is_newest(client, name, mv.version):
         # A retry completes its own registration; re-running an old model does not pull `candidate` back.

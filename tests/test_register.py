@@ -92,6 +92,11 @@ def test_gate_first_passing_worse_better_restore_and_retry(models_):
     uri = get_settings().mlflow_tracking_uri
     assert len(MlflowClient(uri, registry_uri=uri).search_model_versions(f"name = '{NAME}'")) == 3
 
+    # Evaluated again with other metrics: the champion's metrics are the new evaluation's alone.
+    again = report(0.35).model_copy(update={"metrics": {"clip_score": 0.35, "attr_accuracy": 0.9}})
+    register_model(models_[0], again, config)
+    assert champion_metrics(NAME) == {"clip_score": 0.35, "attr_accuracy": 0.9}  # no fd_clip from the first
+
 
 def test_first_model_failing_the_gate_is_candidate_only_and_tags_are_complete(models_):
     client_uri = get_settings().mlflow_tracking_uri
