@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -63,6 +64,7 @@ from tasks.contracts import DatasetVersion
 from tasks.prefect_compat import exponential_backoff, task
 from tasks.image_io import (
     IMAGE_EXTENSIONS,
+    MAX_CAPTION_BYTES,
     ImageOptions,
     InputItem,
     StageOptions,
@@ -188,6 +190,8 @@ def ingest_dataset(
     try:
         stage_dir = tmp / "stage"
         staged = _stage(spec, config, stage_dir, progress=progress, desc=f"ingest {name}", dask_address=dask_address)
+        if staged["inputs"] == 0:
+            raise IngestError(f"{spec.uri} ({spec.kind} source) has no inputs; add images and captions to it")
         curated = _curate(stage_dir, tmp, config, staged)
         counts = curated["counts"]
         if counts["train"] + counts["val"] == 0:
@@ -250,7 +254,8 @@ def load_dataset_version(root: str | Path) -> DatasetVersion:
 def detect_source(source: str | Path) -> SourceSpec:
     """Which kind of source `source` is, from what the path is; IngestError if none fits."""
     text = str(source)
-    if not isinstance(source, Path) and any(c in text for c in "*?["):
+    # An existing path is taken as it is, even with glob characters in it (`photos[2024]`).
+    if not isinstance(source, Path) and any(c in text for c in "*?[") and not os.path.lexists(text):
         matches = sorted(Path(p).absolute() for p in glob.glob(text, recursive=True) if Path(p).is_file())
         if not matches:
             raise IngestError(f"no files match {text!r}")
@@ -466,11 +471,24 @@ def _metadata_records(path: Path) -> Iterator[tuple[str, dict | str]]:
         with open(path, encoding="utf-8-sig", newline="", errors="strict") as f:
             reader = csv.DictReader(f)
             try:
-                _require_columns(path, reader.fieldnames or [])
-                for rowno, row in enumerate(reader, 2):
+                with _csv_field_limit():
+                    columns = reader.fieldnames or []
+                _require_columns(path, columns)
+                for rowno in itertools.count(2):
+                    with _csv_field_limit():
+                        row = next(reader, None)
+                    if row is None:
+                        break
+                    if None in row:  # DictReader keeps the fields beyond the header under None
+                        extra = len(row[None])
+                        yield f"{name}:{rowno}", f"row has {extra} extra field(s) beyond the header's {len(columns)}"
+                        continue
                     yield f"{name}:{rowno}", row
             except UnicodeDecodeError as exc:
                 raise IngestError(f"{path} is not UTF-8 ({exc}); save it as UTF-8") from None
+            except csv.Error as exc:
+                # The inner reader's line_num: DictReader sets its own only once a row has parsed.
+                raise IngestError(f"cannot read {path} at line {reader.reader.line_num}: {exc}") from None
     else:
         parquet = pq.ParquetFile(path)
         _require_columns(path, parquet.schema_arrow.names)
@@ -479,6 +497,17 @@ def _metadata_records(path: Path) -> Iterator[tuple[str, dict | str]]:
             for row in batch.to_pylist():
                 rowno += 1
                 yield f"{name}:{rowno}", row
+
+
+@contextmanager
+def _csv_field_limit() -> Iterator[None]:
+    """csv's field limit raised from its 128 KiB default to MAX_CAPTION_BYTES, so a long caption
+    reaches the caption_too_long rule; restored after each read, as the limit is process-wide."""
+    previous = csv.field_size_limit(MAX_CAPTION_BYTES)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
 
 
 def _require_columns(path: Path, columns: list[str]) -> None:
@@ -711,10 +740,10 @@ def connect_staged(stage_dir: Path, config: IngestConfig) -> duckdb.DuckDBPyConn
             "preserve_insertion_order": False,
         }
     )
-    con.execute(f"CREATE VIEW staged AS SELECT * FROM read_parquet({_literal(stage_dir / 'rows' / '*.parquet')})")
-    con.execute(
-        f"CREATE VIEW staged_rejects AS SELECT * FROM read_parquet({_literal(stage_dir / 'rejects' / '*.parquet')})"
-    )
+    # The parts are listed here, not globbed by DuckDB: the data root may hold glob characters.
+    for view, folder in (("staged", "rows"), ("staged_rejects", "rejects")):
+        parts = ", ".join(_literal(p) for p in sorted((stage_dir / folder).glob("*.parquet")))
+        con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet([{parts}])")
     for key, value in curation_variables(config).items():
         con.execute(f"SET VARIABLE {key} = ?", [value])
     return con

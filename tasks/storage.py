@@ -71,7 +71,8 @@ def push(local: Path, settings: Settings | None = None) -> str | None:
 
 def pull(local: Path, settings: Settings | None = None) -> bool:
     """Make sure the published directory `local` is here, downloading it when only the remote
-    has it. Returns True when it downloaded. A local copy is trusted as it is."""
+    has it. Returns True when it downloaded (False: it was here, or another process pulled it
+    first). A local copy is trusted as it is."""
     settings = settings or get_settings()
     local = Path(local)
     uri = remote_uri(local, settings)
@@ -80,24 +81,32 @@ def pull(local: Path, settings: Settings | None = None) -> bool:
     from pyarrow import fs as pafs
 
     fs, base = _filesystem(uri, settings)
+    tmp = local.with_name(f".pull-{local.name}-{os.getpid()}")
     try:
-        if fs.get_file_info(f"{base}/{MARKER}").type != pafs.FileType.File:
-            raise StorageError(f"{uri} is not published (no {MARKER}); run the stage that makes it")
-        tmp = local.with_name(f".pull-{local.name}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-            if info.type != pafs.FileType.File or info.base_name == MARKER:
-                continue
-            target = tmp / info.path[len(base) + 1 :]
-            if not target.resolve().is_relative_to(tmp.resolve()):
-                raise StorageError(f"object {info.path} would land outside {local}; refusing it")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with fs.open_input_stream(info.path) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst, 8 << 20)
-    except OSError as exc:
-        raise StorageError(f"downloading {uri} failed: {exc}") from exc
-    tmp.mkdir(parents=True, exist_ok=True)  # an empty published directory is still one
-    os.replace(tmp, local)
+        try:
+            if fs.get_file_info(f"{base}/{MARKER}").type != pafs.FileType.File:
+                raise StorageError(f"{uri} is not published (no {MARKER}); run the stage that makes it")
+            shutil.rmtree(tmp, ignore_errors=True)
+            for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+                if info.type != pafs.FileType.File or info.base_name == MARKER:
+                    continue
+                target = tmp / info.path[len(base) + 1 :]
+                if not target.resolve().is_relative_to(tmp.resolve()):
+                    raise StorageError(f"object {info.path} would land outside {local}; refusing it")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with fs.open_input_stream(info.path) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 8 << 20)
+        except OSError as exc:
+            raise StorageError(f"downloading {uri} failed: {exc}") from exc
+        tmp.mkdir(parents=True, exist_ok=True)  # an empty published directory is still one
+        try:
+            os.replace(tmp, local)
+        except OSError:
+            if local.exists():  # another process pulled it first; its copy is as good as ours
+                return False
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed download; nothing after a successful replace
     fsync_dir(local.parent)
     log.info("pulled %s from %s", local, uri)
     return True

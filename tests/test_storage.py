@@ -125,3 +125,61 @@ def test_flow_on_an_s3_data_root_and_a_second_machine(prefect_api, tiny_pipeline
     images = pipe.generate(["a red circle"], seeds=0, params=GenerationParams(steps=2))
     res = summary.dataset.resolution
     assert images.shape == (1, 3, res, res) and bool(images.isfinite().all())
+
+
+@pytest.fixture
+def local_remote(tmp_path, monkeypatch):
+    """An s3:// data root whose bucket is the folder tmp_path/remote, holding the published dataset
+    x/v1. Returns (the filesystem class, whose `fail_on` and `on_open` break downloads; where v1
+    is pulled to)."""
+    from pyarrow import fs as pafs
+
+    class Flaky(pafs.LocalFileSystem):
+        opened = 0
+        fail_on: int | None = None  # the nth file opened raises OSError
+        on_open = None  # called before each file is opened
+
+        def open_input_stream(self, path):
+            Flaky.opened += 1
+            if Flaky.on_open is not None:
+                Flaky.on_open()
+            if Flaky.opened == Flaky.fail_on:
+                raise OSError("connection reset by peer")
+            return super().open_input_stream(path)
+
+    remote = tmp_path / "remote" / "datasets" / "x" / "v1"
+    (remote / "train").mkdir(parents=True)
+    for i in range(3):
+        (remote / "train" / f"part-{i}.parquet").write_bytes(b"remote %d" % i)
+    (remote / storage.MARKER).write_text("3\n")
+    monkeypatch.setenv("T2I_DATA_ROOT", "s3://bucket/p")
+    monkeypatch.setenv("T2I_LOCAL_DATA_ROOT", str(tmp_path / "local"))
+    bucket = str(tmp_path / "remote")
+    monkeypatch.setattr(storage, "_filesystem", lambda uri, settings: (Flaky(), bucket + uri[len("s3://bucket/p") :]))
+    return Flaky, tmp_path / "local" / "datasets" / "x" / "v1"
+
+
+def test_failed_pull_leaves_no_partial_download(local_remote):
+    flaky, local = local_remote
+    flaky.fail_on = 2
+    with pytest.raises(storage.StorageError, match="connection reset"):
+        storage.pull(local)
+    assert not local.exists() and list(local.parent.iterdir()) == []
+
+    flaky.fail_on = None
+    assert storage.pull(local) is True
+    assert sorted(p.name for p in (local / "train").iterdir()) == ["part-0.parquet", "part-1.parquet", "part-2.parquet"]
+    assert [p.name for p in local.parent.iterdir()] == ["v1"]
+
+
+def test_pull_that_loses_the_race_keeps_the_winners_copy(local_remote):
+    flaky, local = local_remote
+
+    def another_process_pulls_first():
+        (local / "train").mkdir(parents=True, exist_ok=True)
+        (local / "train" / "part-0.parquet").write_bytes(b"winner")
+
+    flaky.on_open = another_process_pulls_first
+    assert storage.pull(local) is False  # not ours: the other process put it in place
+    assert (local / "train" / "part-0.parquet").read_bytes() == b"winner"
+    assert [p.name for p in local.parent.iterdir()] == ["v1"]
