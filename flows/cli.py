@@ -105,7 +105,7 @@ def ingest(
     """Ingest a caption dataset into a versioned Parquet dataset (idempotent)."""
     from tasks.ingest import ingest_dataset
 
-    overrides = list(set_ or []) + ([f"ingest.resolution={resolution}"] if resolution else [])
+    overrides = list(set_ or []) + ([f"ingest.resolution={resolution}"] if resolution is not None else [])
     dataset = ingest_dataset(source, name, _preset(preset, overrides).ingest, dask_address=dask_address)
     _echo_json("dataset version", dataset)
 
@@ -116,8 +116,12 @@ def embed(
     weights: Annotated[Optional[str], typer.Option(help="open_clip weights file or cached pretrained tag")] = None,
     model_name: Annotated[Optional[str], typer.Option(help="open_clip model name, e.g. ViT-B-32")] = None,
     allow_random_init: Annotated[
-        bool, typer.Option(help="with no weights, use a seeded random encoder (demo only)")
-    ] = False,
+        Optional[bool],
+        typer.Option(
+            "--allow-random-init/--no-allow-random-init",
+            help="with no weights, use a seeded random encoder (demo only); default: the preset's",
+        ),
+    ] = None,
     preset: PresetOpt = "cpu-demo",
     set_: SetOpt = None,
     dask_address: DaskOpt = None,
@@ -126,12 +130,12 @@ def embed(
     from tasks.embed import embed_from_path
 
     overrides = list(set_ or [])
-    if weights:
+    if weights is not None:
         overrides.append(f"embed.encoder.weights='{weights}'")
-    if model_name:
+    if model_name is not None:
         overrides.append(f"embed.encoder.model_name='{model_name}'")
-    if allow_random_init:
-        overrides.append("embed.encoder.allow_random_init=true")
+    if allow_random_init is not None:
+        overrides.append(f"embed.encoder.allow_random_init={str(allow_random_init).lower()}")
     result = embed_from_path(dataset_dir, _preset(preset, overrides).embed, dask_address=dask_address)
     _echo_json("embedding set", result)
 
@@ -189,7 +193,7 @@ def register(
     from tasks.register import register_model, restore_champion
 
     config = _preset(preset, set_).register
-    if restore:
+    if restore is not None:
         _echo_json("restored", restore_champion(config.model_name, restore))
         return
     if run_dir is None:
@@ -323,7 +327,7 @@ def deploy(
     try:
         schedule = None if no_schedule else cron_schedule(cron, timezone)
         api_url = require_api_url()
-        if work_pool:
+        if work_pool is not None:
             check_work_pool(work_pool)
         spec = build_deployment(params, name=deployment, schedule=schedule, work_pool=work_pool)
     except DeployError as exc:
@@ -333,7 +337,7 @@ def deploy(
     when = "no schedule" if schedule is None else f"cron {schedule.cron!r} ({schedule.timezone})"
     typer.secho(f"deployment {full_name} on {api_url}: {when}", bold=True)
     typer.echo("default parameters: " + json.dumps(spec.parameters))
-    if not work_pool:
+    if work_pool is None:
         serve_deployment(spec)
         return
     deployment_id = spec.apply(work_pool_name=work_pool)

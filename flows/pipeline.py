@@ -61,7 +61,10 @@ class PipelineParams(BaseModel):
     batch_size: int | None = Field(None, title="Batch size", ge=1, description="empty: the preset's")
     sampler: str | None = Field(None, title="Evaluation sampler", description="ddim, dpmpp_2m or ddpm; empty: the preset's")
     gate_threshold: float | None = Field(
-        None, title="Gate threshold", description="the primary metric a model must reach to become champion; empty: the preset's"
+        None,
+        title="Gate threshold",
+        allow_inf_nan=False,
+        description="the primary metric a model must reach to become champion; empty: the preset's",
     )
     model_name: str | None = Field(None, title="Registered model name", description="MLflow registered model; empty: the preset's")
     overrides: list[str] = Field(
@@ -82,6 +85,7 @@ class PipelineParams(BaseModel):
         mapped = {
             "ingest.resolution": self.resolution,
             "shapes.resolution": self.resolution,
+            "train.resolution": self.resolution,  # evaluate needs none: it samples at the checkpoint's resolution
             "embed.encoder.weights": self.encoder_weights,
             "train.steps": self.steps,
             "train.batch_size": self.batch_size,

@@ -76,7 +76,7 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.json"
 GRID_FILE = "grid.png"
 STEPS_TABLE_FILE = "steps_table.json"
-MLFLOW_FILE = "mlflow.json"  # written once the metrics are in MLflow
+MLFLOW_FILE = "mlflow.json"  # written once the metrics are in MLflow: the run id and tracking URI
 
 Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
 PrimaryMetric = Literal["attr_accuracy", "attr_all_correct", "heldout_accuracy", "fd_clip", "clip_score"]
@@ -112,7 +112,9 @@ class EvalConfig(BaseModel):
     steps: int = Field(50, ge=1, le=1000)
     guidance_scale: float = Field(3.0, ge=0.0, le=50.0)
     primary_metric: PrimaryMetric | None = Field(None, description="None: attr_accuracy on shapes data, else fd_clip")
-    threshold: float | None = Field(None, description=f"None: the default of the primary metric {DEFAULT_THRESHOLDS}")
+    threshold: float | None = Field(
+        None, allow_inf_nan=False, description=f"None: the default of the primary metric {DEFAULT_THRESHOLDS}"
+    )
     n_attribute_prompts: int = Field(64, ge=0, description="seeded prompts over the training combinations")
     heldout_seeds: int = Field(
         1, ge=1, description="seeds per held-out prompt (prompt i gets seeds i, i + n, ...); the generator writes few prompts"
@@ -178,6 +180,8 @@ def gate(
     metrics: dict[str, float], primary: str, threshold: float, champion_metrics: dict[str, float] | None
 ) -> tuple[bool, str]:
     """(passed, why): the primary metric meets the threshold and is no worse than the champion's."""
+    if not math.isfinite(threshold):  # a NaN threshold would hold nothing back, so every model would pass
+        raise ValueError(f"the gate threshold must be a finite number, got {threshold}; set evaluate.threshold")
     if primary not in metrics:
         return False, f"no {primary} was measured"
     value = metrics[primary]
@@ -491,7 +495,8 @@ def evaluate_model(
 
     `champion_metrics`: the current champion's metrics, for the gate (None: no champion).
     `mlflow_experiment=None` turns tracking off; otherwise metrics, the grid and the steps table
-    go to the training run (`train.mlflow_run_id`), or to a new run in this experiment.
+    go to the training run (`train.mlflow_run_id`), or to a new run in this experiment, once per
+    tracking store: evaluating again against the same store logs nothing, against another logs there.
     """
     config = config or EvalConfig()
     source = shapes_source(dataset)
@@ -507,9 +512,10 @@ def evaluate_model(
         metrics, notes = _measure(train, dataset, config, source, out_dir, progress)
         write_json_atomic(metrics_file, {"metrics": metrics, "notes": notes, "config": config.model_dump(mode="json")})
 
-    if mlflow_experiment is not None and not (out_dir / MLFLOW_FILE).is_file():
+    tracking_uri = get_settings().mlflow_tracking_uri
+    if mlflow_experiment is not None and _logged_to(out_dir) != tracking_uri:
         run_id = _log_to_mlflow(train, dataset, config, metrics, notes, out_dir, mlflow_experiment)
-        write_json_atomic(out_dir / MLFLOW_FILE, {"run_id": run_id, "tracking_uri": get_settings().mlflow_tracking_uri})
+        write_json_atomic(out_dir / MLFLOW_FILE, {"run_id": run_id, "tracking_uri": tracking_uri})
 
     passed, why = gate(metrics, primary, threshold, champion_metrics)
     if primary in ("fd_clip", "clip_score") and metrics.get("fd_clip_uncalibrated") == 1.0:
@@ -728,17 +734,29 @@ def _precision(name: str, device: str) -> str:
 
 
 def _check_steps(pipe: TextToImage, config: EvalConfig) -> None:
-    T = pipe.schedule.num_train_timesteps
+    """Every (sampler, steps) of the evaluation fits the model's schedule, as the sampler itself
+    judges it (`TextToImage.sampler`), checked before any sampling."""
     runs = [(config.sampler, config.steps)] + (list(config.steps_table_runs) if config.steps_table else [])
     for name, steps in runs:
-        if name != "ddpm" and steps > T:  # DDPM with steps >= T runs all T steps
+        try:
+            pipe.sampler(GenerationParams(steps=steps, sampler=name))
+        except ValueError as exc:
             raise ValueError(
-                f"{name} with {steps} steps: the model was trained with {T} time steps; use at most {T}"
-            )
+                f"{name} with {steps} steps: the model was trained with {pipe.schedule.num_train_timesteps} time "
+                f"steps ({exc}); lower evaluate.steps or that row of evaluate.steps_table_runs"
+            ) from exc
 
 
 # ---------------------------------------------------------------------------------------------
 # MLflow
+
+
+def _logged_to(out_dir: Path) -> str | None:
+    """The tracking URI the metrics in `out_dir` were logged to; None if they were not."""
+    record = out_dir / MLFLOW_FILE
+    if not record.is_file():
+        return None
+    return json.loads(record.read_text(encoding="utf-8")).get("tracking_uri")
 
 
 def _log_to_mlflow(

@@ -67,7 +67,10 @@ def load_preset(name_or_path: str | Path | None = None, overrides: list[str] | N
     raw: dict[str, Any] = {}
     if name_or_path is not None:
         path = resolve_preset_path(name_or_path)
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} is not valid YAML: {error}") from error
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a preset must be a mapping of sections, got {type(loaded).__name__}")
         raw = {"name": path.stem, **loaded}
@@ -88,5 +91,11 @@ def apply_override(raw: dict[str, Any], item: str) -> dict[str, Any]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {item!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise ValueError(
+            f"override {item!r}: the value is not valid YAML ({' '.join(str(error).split())}); "
+            "quote a string that holds YAML syntax, e.g. key='a: b'"
+        ) from error
     return out

@@ -127,6 +127,9 @@ def test_gate_needs_the_threshold_and_no_regression_against_the_champion():
     assert not gate(m, "fd_clip", 10.0, {"fd_clip": 4.0})[0]
     assert not gate(m, "fd_clip", 4.0, None)[0]
     assert not gate(m, "heldout_accuracy", 0.0, None)[0]  # not measured: fails, does not crash
+    for bad in (math.nan, math.inf, -math.inf):  # a NaN threshold would pass every model
+        with pytest.raises(ValueError, match="finite"):
+            gate(m, "attr_accuracy", bad, None)
 
 
 def test_gate_config_errors_teach():
@@ -134,6 +137,9 @@ def test_gate_config_errors_teach():
         EvalConfig(stepz=3)
     with pytest.raises(ValidationError, match="threshold"):
         EvalConfig(primary_metric="fd_clip")
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValidationError, match="finite"):
+            EvalConfig(threshold=bad)
     assert resolve_gate(EvalConfig(), is_shapes=True) == ("attr_accuracy", 0.5)
     assert resolve_gate(EvalConfig(threshold=12.0), is_shapes=False) == ("fd_clip", 12.0)
     with pytest.raises(ValueError, match="no default threshold"):
@@ -280,11 +286,51 @@ def test_evaluate_tiny_run_logs_metrics_and_grid_to_the_training_run(shapes_data
     assert len(client.get_metric_history(run_id, "attr_accuracy")) == 1  # not logged twice
 
 
+def test_evaluating_again_against_another_tracking_store_logs_there(shapes_dataset, checkpoint, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    real = TextToImage.load(checkpoint)
+    monkeypatch.setattr(evaluate.TextToImage, "load", classmethod(lambda cls, d, device="cpu": OraclePipe(real)))
+    train = _train_result(tmp_path, checkpoint)
+    config = EvalConfig(**{**TINY, "steps_table": False})
+    first = evaluate_model(train, shapes_dataset, config, progress=False)
+    record = Path(first.grid_path).parent / evaluate.MLFLOW_FILE
+    first_run = json.loads(record.read_text())["run_id"]
+
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("T2I_MLFLOW_TRACKING_URI", other)
+    for _ in range(2):  # the second time against the same store: nothing logged again
+        evaluate_model(train, shapes_dataset, config, progress=False)
+    logged = json.loads(record.read_text())
+    assert logged["tracking_uri"] == other and logged["run_id"] != first_run  # the grid link follows the new store
+    client = MlflowClient(tracking_uri=other)
+    runs = client.search_runs([client.get_experiment_by_name("t2i").experiment_id])
+    assert [r.info.run_id for r in runs] == [logged["run_id"]]
+    assert runs[0].data.metrics["attr_accuracy"] == first.metrics["attr_accuracy"]
+    assert len(client.get_metric_history(logged["run_id"], "attr_accuracy")) == 1
+
+
+def test_each_sampler_gets_its_own_step_bound_before_any_sampling(shapes_dataset, checkpoint, tmp_path):
+    pipe = TextToImage.load(checkpoint)  # T = 20
+    evaluate._check_steps(pipe, EvalConfig(**{**TINY, "steps_table_runs": [("ddpm", 1000), ("ddim", 20), ("dpmpp_2m", 19)]}))
+    for run, most in ((("ddim", 21), 20), (("dpmpp_2m", 20), 19)):
+        with pytest.raises(ValueError, match=rf"{run[0]} with {run[1]} steps: .* integer in \[1, {most}\]"):
+            evaluate._check_steps(pipe, EvalConfig(**{**TINY, "steps_table_runs": [("ddim", 2), run]}))
+    with pytest.raises(ValueError, match="dpmpp_2m with 20 steps"):
+        evaluate._check_steps(pipe, EvalConfig(**{**TINY, "sampler": "dpmpp_2m", "steps": 20, "steps_table": False}))
+    train = _train_result(tmp_path, checkpoint)
+    with pytest.raises(ValueError, match=r"\[1, 19\]"):  # the last row of the table, found before the grid is drawn
+        evaluate_model(train, shapes_dataset, EvalConfig(**{**TINY, "steps_table_runs": [("ddim", 2), ("dpmpp_2m", 20)]}),
+                       progress=False, mlflow_experiment=None)
+    assert not list(Path(train.run_dir).rglob("*.png"))
+
+
 class OraclePipe:
     """Draws exactly what a shapes prompt asks for: every attribute metric must be 1."""
 
     def __init__(self, real: TextToImage):
         self.schedule, self.text_encoder, self.resolution = real.schedule, real.text_encoder, real.resolution
+        self.sampler = real.sampler
 
     def generate(self, prompts, seeds, params=None, progress=False):
         out = []

@@ -177,3 +177,22 @@ def test_typed_parameters_win_over_overrides():
     assert preset.train.steps == 70 and preset.register.model_name == "from-form"
     assert preset.train.lr == 0.01  # an override with no typed field still applies
     assert PipelineParams(overrides=["train.steps=99"]).to_preset().train.steps == 99
+
+
+def test_the_resolution_field_sets_every_stage_that_has_one():
+    from flows.pipeline import PipelineParams
+
+    for preset in ("cpu-demo", "gpu-64px"):  # gpu-64px sets train.resolution itself
+        chosen = PipelineParams(preset=preset, resolution=32).to_preset()
+        assert chosen.shapes.resolution == chosen.ingest.resolution == chosen.train.resolution == 32
+    assert PipelineParams(preset="gpu-64px").to_preset().train.resolution == 64
+
+
+def test_the_gate_threshold_field_must_be_finite():
+    from pydantic import ValidationError
+
+    from flows.pipeline import PipelineParams
+
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValidationError, match="finite"):
+            PipelineParams(gate_threshold=bad)

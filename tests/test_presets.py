@@ -36,3 +36,19 @@ def test_unknown_keys_and_bad_values_are_errors(tmp_path):
         load_preset("no-such-preset")
     with pytest.raises(ValueError, match="section.key=value"):
         apply_override({}, "train.steps")
+
+
+def test_a_non_finite_gate_threshold_is_an_error():
+    for bad in (".nan", ".inf", "-.inf"):
+        with pytest.raises(ValidationError, match="evaluate.threshold"):
+            load_preset("cpu-demo", [f"evaluate.threshold={bad}"])
+
+
+def test_yaml_that_does_not_parse_is_a_value_error_naming_where(tmp_path):
+    # The CLI turns a ValueError into a usage error; a raw YAMLError was a traceback.
+    with pytest.raises(ValueError, match=r"override 'train.steps=\[1': the value is not valid YAML .* quote a string"):
+        load_preset("cpu-demo", ["train.steps=[1"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  steps: [1\n")
+    with pytest.raises(ValueError, match=f"{broken} is not valid YAML"):
+        load_preset(broken)
