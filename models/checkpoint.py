@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import stat
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,15 +26,18 @@ class UnsafeCheckpointError(ValueError):
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary sibling of `path`, fsync it, then `os.replace`.
 
-    A crash at any point leaves either the old file or the new one, never half of one.
+    A crash at any point leaves either the old file or the new one, never half of one. The file
+    gets the mode a plain `open()` gives (0o666 less the umask), not mkstemp's 0o600: a reader
+    under another uid (a serving container) must be able to load what is published.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
+    mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # `write` may replace the file: safetensors renames its own 0o600 file over it
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

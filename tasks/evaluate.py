@@ -43,9 +43,7 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,7 +57,7 @@ from PIL.PngImagePlugin import PngInfo
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from models.checkpoint import write_json_atomic
+from models.checkpoint import atomic_write, write_json_atomic
 from models.pipeline import GenerationParams, TextToImage, fast_cuda_backends, to_pil
 from tasks import storage
 from tasks.attributes import ShapeAttributes, prompt_for, score_prompts
@@ -468,15 +466,7 @@ def save_grid(grid: Image.Image, path: Path, labels: list[str], seeds: list[int]
     info.add_text("t2i.prompts", json.dumps(labels))
     info.add_text("t2i.seeds", json.dumps(seeds))
     info.add_text("t2i.params", json.dumps(asdict(params)))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        grid.save(tmp, "PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: grid.save(tmp, "PNG", pnginfo=info))
 
 
 # ---------------------------------------------------------------------------------------------

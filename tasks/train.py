@@ -51,7 +51,16 @@ import torch.nn.functional as F
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
-from models.checkpoint import fsync_dir, load_state, load_weights, save_state, save_weights, write_json_atomic
+from models.checkpoint import (
+    atomic_write,
+    fsync_dir,
+    load_state,
+    load_weights,
+    save_state,
+    save_weights,
+    write_json_atomic,
+    write_text_atomic,
+)
 from models.ema import EMA
 from models.schedule import NoiseSchedule, ScheduleConfig
 from models.unet import UNet, UNetConfig
@@ -183,6 +192,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"warmup_steps {self.warmup_steps} exceeds steps {self.steps}")
         if self.loss_weight_floor > 0 and self.min_snr_gamma is None:
             raise ValueError("loss_weight_floor floors Min-SNR weights: set min_snr_gamma too (plain MSE weighs every step 1)")
+        T = ScheduleConfig.from_dict(self.schedule).num_train_timesteps
+        if self.sample_steps > T:  # DDIM, which the sample grids use, takes 1..T steps
+            raise ValueError(
+                f"sample_steps {self.sample_steps} exceeds schedule.num_train_timesteps {T}: the sample grids use "
+                f"DDIM, which takes at most one step per training time step; set sample_steps to at most {T}"
+            )
         if self.resolution is not None:
             f = UNetConfig.from_dict({"context_dim": 512, **self.unet}).downsample_factor
             if self.resolution % f:
@@ -204,6 +219,11 @@ class NonFiniteLossError(TrainingError):
 
 class TrainingInterrupted(TrainingError):
     """SIGTERM: the current step finished, a checkpoint was written; run again to resume."""
+
+
+class TorchrunFailed(TrainingError):
+    """torchrun exited non-zero and no worker reported bad input: a process was killed (SIGTERM,
+    out of memory) or lost its peers (NCCL, a machine gone); run again to resume."""
 
 
 # ---- the plain function ---------------------------------------------------------------------
@@ -243,11 +263,11 @@ def train_model(
 
 
 def _retry_unless_deterministic(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry kills, SIGTERM and I/O errors (the retry resumes); bad input or a NaN loss would only
-    fail the same way again."""
+    """Retry kills, SIGTERM, I/O errors and failed torchrun runs (the retry resumes); bad input or a
+    NaN loss would only fail the same way again."""
     try:
         state.result()
-    except TrainingInterrupted:
+    except (TrainingInterrupted, TorchrunFailed):
         return True
     except (TrainingError, TrainDataError, ValueError):
         return False
@@ -429,6 +449,7 @@ class _Trainer:
         self.amp_dtype = _resolve_precision(config.precision, self.device)
         self.channels_last = config.channels_last if config.channels_last is not None else self.device.type == "cuda"
         self.stop_requested = False
+        self.last_metrics: dict[str, float] = {}  # the last log step's; kept in checkpoints for a resume at the end
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -687,6 +708,7 @@ class _Trainer:
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "ema_n_averaged": self.ema.n_averaged.detach().cpu(),
                 "rng": _rng_state(),
+                "metrics": self.last_metrics,
                 "config": self.config.model_dump_json(),
             }
             write_checkpoint(
@@ -713,6 +735,7 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         _set_rng_state(state["rng"])
+        self.last_metrics = state.get("metrics", {})  # checkpoints written before metrics were kept have none
         step = int(state["step"])
         if state["samples_seen"] != step * self.config.batch_size:
             raise TrainingError(f"{ckpt}: data position {state['samples_seen']} does not match step {step}")
@@ -779,10 +802,9 @@ class _Trainer:
         images = to_pil(self._sample_images())
         path = self.run_dir / "samples" / f"step-{step:08d}.png"
         grid = _grid(images, scale=max(1, 128 // images[0].size[0]))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
         captions = path.with_suffix(".txt")  # the grid's captions, left to right, top to bottom
-        captions.write_text("\n".join(self.sample_captions[0]) + "\n", encoding="utf-8")
+        write_text_atomic(captions, "\n".join(self.sample_captions[0]) + "\n")
         self.tracker.log_artifact(path, "samples")
         self.tracker.log_artifact(captions, "samples")
         return path
@@ -793,13 +815,12 @@ class _Trainer:
             grid = self._sample_grid(step)
             model_dir = self._save_model(step)
             self.tracker.log_artifacts(model_dir, MODEL_DIR)
-            metrics = dict(getattr(self, "last_metrics", {}))
             result = TrainResult(
                 run_dir=str(self.run_dir),
                 checkpoint=str(model_dir),
                 step=step,
                 mlflow_run_id=self.tracker.run_id,
-                metrics={k: float(v) for k, v in metrics.items()},
+                metrics={k: float(v) for k, v in self.last_metrics.items()},
             )
             write_json_atomic(
                 self.run_dir / RESULT_FILE,
@@ -1142,9 +1163,13 @@ def _launch_torchrun(
     mlflow_experiment: str | None,
     progress: bool,
 ) -> TrainResult:
-    """Run this module under torchrun (see `torchrun_command`) and return rank 0's result."""
+    """Run this module under torchrun (see `torchrun_command`) and return rank 0's result.
+
+    torchrun exits 1 whatever its workers' exit codes, so a worker that fails on bad input or a
+    NaN loss says so in the error file; any other failure is a TorchrunFailed, which is retried."""
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = run_dir / f".launch-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}.json"
+    error_file = spec.with_suffix(".error")
     write_json_atomic(
         spec,
         {
@@ -1153,19 +1178,25 @@ def _launch_torchrun(
             "config": config.model_dump(mode="json"),
         },
     )
-    cmd = [*torchrun_command(config, key), "-m", "tasks.train", "--spec", str(spec), "--run-dir", str(run_dir)]
+    cmd = [*torchrun_command(config, key), "-m", "tasks.train", "--spec", str(spec), "--error-file", str(error_file)]
+    cmd += ["--run-dir", str(run_dir)]
     cmd += ["--experiment", mlflow_experiment] if mlflow_experiment else ["--no-mlflow"]
     if not progress:
         cmd.append("--no-progress")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     try:
         proc = subprocess.run(cmd, env=env)
+        worker_error = error_file.read_text(encoding="utf-8") if error_file.is_file() else None
     finally:
         spec.unlink(missing_ok=True)
+        error_file.unlink(missing_ok=True)
     if proc.returncode != 0:
-        raise TrainingError(
-            f"torchrun ({config.nproc} processes x {resolved_nnodes(config)} machines) exited with code "
-            f"{proc.returncode}; see its output above"
+        nnodes = resolved_nnodes(config)
+        failed = f"torchrun ({config.nproc} processes x {nnodes} machines) exited with code {proc.returncode}"
+        if worker_error is not None:
+            raise TrainingError(f"{failed}: {worker_error}")
+        raise TorchrunFailed(
+            f"{failed}; see its output above. Run the same training again to resume from the last checkpoint"
         )
     result = _finished_result(run_dir, key)
     if result is None:
@@ -1301,10 +1332,14 @@ def _git_commit() -> str:
 
 
 def _read_model(path: str, model: type[BaseModel]) -> BaseModel:
-    text = Path(path).read_text(encoding="utf-8")
-    data = yaml.safe_load(text)  # YAML is a superset of JSON
-    if model is TrainConfig and isinstance(data, dict) and "train" in data and len(data) > 1:
-        data = data["train"]  # a whole preset file: take its train section
+    """`model` from a YAML/JSON file; a TrainConfig also from a preset's `train` section. A file
+    that cannot be read or parsed is a ValueError naming it."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))  # YAML is a superset of JSON
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    if model is TrainConfig and isinstance(data, dict) and "train" in data:
+        data = data["train"]  # a preset file (TrainConfig has no field `train`): take its train section
     return model.model_validate(data)
 
 
@@ -1314,6 +1349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embeddings", help="EmbeddingSet JSON file")
     parser.add_argument("--config", help="TrainConfig YAML/JSON file (or a preset with a train section)")
     parser.add_argument("--spec", help=argparse.SUPPRESS)  # {dataset, embeddings, config} in one file, from _launch_torchrun
+    parser.add_argument("--error-file", type=Path, help=argparse.SUPPRESS)  # from _launch_torchrun: a worker writes its bad-input error here
     parser.add_argument("--run-dir", type=Path)
     parser.add_argument("--experiment", default="t2i")
     parser.add_argument("--no-mlflow", action="store_true")
@@ -1322,23 +1358,23 @@ def main(argv: list[str] | None = None) -> int:
     # force: importing Prefect already put a WARNING-level handler on the root logger
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
-    if args.spec:
-        spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
-        dataset = DatasetVersion.model_validate(spec["dataset"])
-        embeddings = EmbeddingSet.model_validate(spec["embeddings"])
-        config = TrainConfig.model_validate(spec["config"])
-    else:
-        if not (args.dataset and args.embeddings and args.config):
-            parser.error("--dataset, --embeddings and --config are required")
-        dataset = _read_model(args.dataset, DatasetVersion)
-        embeddings = _read_model(args.embeddings, EmbeddingSet)
-        config = _read_model(args.config, TrainConfig)
+    if not args.spec and not (args.dataset and args.embeddings and args.config):
+        parser.error("--dataset, --embeddings and --config are required")
 
     world = _world_size()
-    if world > 1:
-        backend = "nccl" if torch.cuda.is_available() and (config.device or "cuda").startswith("cuda") else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
     try:
+        if args.spec:
+            spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
+            dataset = DatasetVersion.model_validate(spec["dataset"])
+            embeddings = EmbeddingSet.model_validate(spec["embeddings"])
+            config = TrainConfig.model_validate(spec["config"])
+        else:
+            dataset = _read_model(args.dataset, DatasetVersion)
+            embeddings = _read_model(args.embeddings, EmbeddingSet)
+            config = _read_model(args.config, TrainConfig)
+        if world > 1:
+            backend = "nccl" if torch.cuda.is_available() and (config.device or "cuda").startswith("cuda") else "gloo"
+            dist.init_process_group(backend, timeout=timedelta(minutes=30))
         result = train_model(
             dataset, embeddings, config, run_dir=args.run_dir,
             mlflow_experiment=None if args.no_mlflow else args.experiment, progress=not args.no_progress,
@@ -1348,6 +1384,8 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED_EXIT_CODE
     except (TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if args.error_file is not None:
+            write_text_atomic(args.error_file, str(exc))
         return 1
     finally:
         if world > 1 and dist.is_initialized():

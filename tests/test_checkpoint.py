@@ -1,4 +1,6 @@
+import os
 import pickle
+import stat
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from models.checkpoint import (
     load_weights,
     save_state,
     save_weights,
+    write_json_atomic,
 )
 
 
@@ -78,3 +81,22 @@ def test_atomic_write_keeps_old_file_when_writer_crashes(tmp_path):
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_weights(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=oct)
+def test_published_files_get_the_mode_a_plain_open_gives(tmp_path, umask):
+    """Not mkstemp's 0600: a serving container under another uid must be able to read the model."""
+    old = os.umask(umask)
+    try:
+        written = [
+            save_weights({"a": torch.zeros(2)}, tmp_path / "w.safetensors"),
+            save_state({"step": 1}, tmp_path / "s.pt"),
+            write_json_atomic(tmp_path / "c.json", {"step": 1}),
+        ]
+        with open(tmp_path / "plain", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask  # the oracle
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name

@@ -211,6 +211,8 @@ def test_grid_has_a_cell_per_prompt_and_seed_and_a_label_under_each_row(tmp_path
     path = save_grid(grid, tmp_path / "grid.png", labels, [0, 1], GenerationParams(steps=3))
     with Image.open(path) as saved:
         assert json.loads(saved.text["t2i.prompts"]) == labels and saved.size == grid.size
+    (tmp_path / "plain").touch()  # the grid is readable as any file the process writes is, not 0o600
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
     with pytest.raises(ValueError, match="rows"):
         make_grid(images[:5], labels, n_cols=2)
 

@@ -6,6 +6,7 @@ that get killed are real subprocesses running `tasks.train`'s command line.
 """
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from models.checkpoint import load_state, load_weights
 from models.pipeline import TextToImage
@@ -31,6 +33,8 @@ from tasks.train import (
     TrainConfig,
     TrainingError,
     _latest_checkpoint,
+    _retry_unless_deterministic,
+    main,
     resolve_unet_config,
     run_key,
     train_model,
@@ -285,6 +289,31 @@ def test_crash_while_checkpointing_keeps_previous_and_resume_is_exact(toy, tmp_p
     assert losses(run_dir) == pytest.approx(losses(reference), abs=0)
 
 
+def test_a_run_killed_while_finishing_resumes_with_its_metrics_and_leaves_no_partial_grid(toy, tmp_path, monkeypatch):
+    from PIL import Image
+
+    dataset, embeddings = toy
+    run_dir = tmp_path / "run"
+    real_save = Image.Image.save
+
+    def killed_mid_save(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG half a grid")
+        raise OSError("killed while saving the sample grid")
+
+    monkeypatch.setattr(Image.Image, "save", killed_mid_save)
+    with pytest.raises(OSError, match="sample grid"):
+        train_model(dataset, embeddings, tiny(), run_dir=run_dir, mlflow_experiment=None, progress=False)
+    assert _latest_checkpoint(run_dir / CHECKPOINTS_DIR).name == f"step-{2 * N:08d}"  # after the final checkpoint
+    assert list((run_dir / "samples").iterdir()) == []  # nothing half-written under a published name
+
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    result = train_model(dataset, embeddings, tiny(), run_dir=run_dir, mlflow_experiment=None, progress=False)
+    last = json.loads((run_dir / METRICS_FILE).read_text().splitlines()[-1])
+    assert result.step == last["step"] == 2 * N
+    assert result.metrics == {k: last[k] for k in ("loss", "grad_norm", "lr", "images_per_s")}  # as if never killed
+    assert Image.open(run_dir / "samples" / f"step-{2 * N:08d}.png").size == (2 * 8 * 16, 8 * 16)
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 
@@ -371,6 +400,80 @@ def test_mlflow_run_has_config_metrics_samples_and_model(toy):
     assert {"model", "samples", "config.json"} <= artifacts
     assert "model/model_config.json" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert len(client.list_artifacts(run.info.run_id, "samples")) == 4  # 2 grids, each with its captions
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_args(toy, tmp_path, monkeypatch) -> list[str]:
+    """`main`'s arguments for the toy inputs, up to --config; `main` runs in this process and
+    its logging setup is undone afterwards."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    dataset, embeddings = toy
+    (tmp_path / "ds.json").write_text(dataset.model_dump_json())
+    (tmp_path / "emb.json").write_text(embeddings.model_dump_json())
+    return ["--dataset", str(tmp_path / "ds.json"), "--embeddings", str(tmp_path / "emb.json"),
+            "--run-dir", str(tmp_path / "run"), "--no-mlflow", "--no-progress"]  # fmt: skip
+
+
+def test_cli_reads_a_presets_train_section_and_reports_bad_input_in_one_line(toy, tmp_path, cli_args, capsys):
+    dataset, _ = toy
+    n_train = dataset.counts["train"]
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(yaml.safe_dump({"train": tiny(batch_size=64).model_dump(mode="json")}))  # a train section only
+    assert main([*cli_args, "--config", str(preset)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: batch_size 64 is larger than the {n_train} training images" in err  # its values were read
+
+    preset.write_text("train:\n  stpes: 2\n")
+    assert main([*cli_args, "--config", str(preset)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "stpes" in err and "Traceback" not in err
+    assert main([*cli_args, "--config", str(tmp_path / "missing.yaml")]) == 1
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_torchrun_is_retried_unless_a_worker_reports_bad_input(toy, tmp_path, cli_args, monkeypatch):
+    import tasks.train as train_module
+
+    dataset, embeddings = toy
+    run_dir = tmp_path / "ddp"
+
+    def retried(exc: Exception) -> bool:
+        class State:
+            def result(self):
+                raise exc
+
+        return _retry_unless_deterministic(None, None, State())
+
+    def torchrun(returncode: int):
+        """A torchrun that exits with `returncode`; its workers never start."""
+        return lambda cmd, env: subprocess.CompletedProcess(cmd, returncode)
+
+    for returncode in (1, -signal.SIGKILL):  # a worker OOM-killed or out of NCCL peers; torchrun itself killed
+        monkeypatch.setattr(train_module.subprocess, "run", torchrun(returncode))
+        with pytest.raises(TrainingError, match=f"exited with code {returncode}") as info:
+            train_model(dataset, embeddings, tiny(nproc=2), run_dir=run_dir, mlflow_experiment=None, progress=False)
+        assert retried(info.value)
+
+    def torchrun_with_a_bad_input_worker(cmd, env):
+        """The worker runs `main` on the launch's inputs and fails; torchrun exits 1 whatever the worker's code."""
+        spec = json.loads(Path(cmd[cmd.index("--spec") + 1]).read_text())
+        config = tmp_path / "worker.json"
+        config.write_text(json.dumps({**spec["config"], "nproc": 1}))  # one process here, not a process group
+        worker = [*cli_args, "--config", str(config), "--error-file", cmd[cmd.index("--error-file") + 1]]
+        return subprocess.CompletedProcess(cmd, 1 if main(worker) else 0)
+
+    monkeypatch.setattr(train_module.subprocess, "run", torchrun_with_a_bad_input_worker)
+    with pytest.raises(TrainingError, match="batch_size 64 is larger than") as info:
+        train_model(dataset, embeddings, tiny(nproc=2, batch_size=64), run_dir=run_dir, mlflow_experiment=None,
+                    progress=False)
+    assert not retried(info.value)
+    assert [p.name for p in run_dir.iterdir()] == []  # the launch's spec and error files are gone
 
 
 # ---- DDP ----------------------------------------------------------------------------------------

@@ -131,3 +131,19 @@ def test_run_key_changes_with_a_loss_weight_floor_only_when_one_is_set():
     base = key(TrainConfig())
     assert key(TrainConfig(loss_weight_floor=0.0)) == base  # keys of runs from before the field: resumable
     assert key(TrainConfig(loss_weight_floor=0.5)) != base
+
+
+def test_sample_steps_beyond_the_schedules_time_steps_are_refused_at_config_time():
+    from models.samplers import make_sampler
+    from models.schedule import NoiseSchedule, ScheduleConfig
+
+    # the grids sample with DDIM, which takes 1..T steps (the oracle: the sampler itself)
+    short = NoiseSchedule(ScheduleConfig(num_train_timesteps=20))
+    assert len(make_sampler("ddim", short, 20).timesteps) == 20
+    with pytest.raises(ValueError):
+        make_sampler("ddim", short, 21)
+    assert TrainConfig(schedule={"num_train_timesteps": 20}, sample_steps=20).sample_steps == 20
+    with pytest.raises(ValidationError, match="sample_steps 21 .*schedule.num_train_timesteps 20"):
+        TrainConfig(schedule={"num_train_timesteps": 20}, sample_steps=21)
+    with pytest.raises(ValidationError, match="sample_steps 25 .*schedule.num_train_timesteps 20"):
+        TrainConfig(schedule={"num_train_timesteps": 20})  # the default 25 steps
