@@ -13,13 +13,19 @@ seconds to import them).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import http.client
 import io
 import json
+import logging
 import re
+import socket
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Iterator
@@ -33,10 +39,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+log = logging.getLogger(__name__)
+
 # Reasons a worker rejects an input; sql/curate.sql adds too_small, bad_aspect,
 # empty_caption, caption_too_short, caption_too_long and duplicate.
 WORKER_REJECT_REASONS = (
-    "missing_file",  # a metadata row or caption file names an image that is not there
+    "missing_file",  # a metadata row or caption file names an image that is not there or cannot be opened
     "missing_caption",  # an image without caption (no sidecar .txt, no caption in the tar sample)
     "unsafe_path",  # a metadata file_name that leaves the source folder
     "unsafe_member",  # a tar member with an absolute path, `..`, a link or a device
@@ -45,12 +53,13 @@ WORKER_REJECT_REASONS = (
     "caption_too_long",  # a caption file larger than MAX_CAPTION_BYTES (not even read)
     "too_large",  # an input file or download larger than max_input_bytes
     "undecodable",  # not an image in an allowed format, or corrupt
-    "truncated",  # an image whose data ends early
+    "truncated",  # an image whose data ends early, or a tar sample its shard breaks off in
+    "truncated_shard",  # a tar shard that breaks off before its end: the samples after that point are lost
     "bomb",  # more pixels than max_image_pixels (decompression bomb)
-    "bad_url",  # a URL that is empty or not http(s)
+    "bad_url",  # a URL that is empty, malformed or not http(s), or redirects to such a URL
     "http_error",  # an HTTP status other than 200 after retries
     "timeout",  # no complete answer within http_timeout_s after retries
-    "download_failed",  # connection refused, DNS failure, ... after retries
+    "download_failed",  # connection refused, DNS failure, broken HTTP, body cut short, ... after retries
 )
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
@@ -164,39 +173,40 @@ def process_image(data: bytes, opts: ImageOptions) -> ProcessedImage:
     """Decode untrusted bytes and return them re-encoded at the training resolution.
 
     Raises `Rejected` with reason undecodable, truncated or bomb. Pillow only tries
-    the parsers in `allowed_formats`; the pixel count is checked from the header,
-    before any pixel is decoded; `load()` runs inside the error handling, since
-    Pillow decodes lazily and a truncated file only fails there.
+    the parsers in `allowed_formats`; the pixel count is checked from the header
+    against `max_image_pixels`, before any pixel is decoded; `load()` runs inside
+    the error handling, since Pillow decodes lazily and a truncated file only fails there.
     """
     if not data:
         raise Rejected("undecodable", "empty file (0 bytes)")
-    try:
-        im = Image.open(io.BytesIO(data), formats=list(opts.allowed_formats))
-    except Image.DecompressionBombError as exc:
-        raise Rejected("bomb", str(exc)) from None
-    except UnidentifiedImageError:
-        raise Rejected("undecodable", f"not a {'/'.join(opts.allowed_formats)} image") from None
-    except Exception as exc:  # Pillow's parsers raise many types on hostile headers
-        raise Rejected(_decode_error_reason(exc), f"{type(exc).__name__}: {exc}") from None
-    with im:
-        width, height = im.size
-        if width * height > opts.max_image_pixels:
-            raise Rejected("bomb", f"{width}x{height} is more than max_image_pixels={opts.max_image_pixels}")
-        orig_format = im.format or "unknown"
+    with _pillow_pixel_limit(opts.max_image_pixels):
         try:
-            orientation = _exif_orientation(im)
-            if orientation in (5, 6, 7, 8):  # these orientations swap the axes
-                width, height = height, width
-            _draft(im, width, height, opts)
-            im.load()
-            upright = ImageOps.exif_transpose(im) if orientation != 1 else im
-            rgb = _to_rgb(upright, opts.alpha_background)
-            out = resize_image(rgb, opts.resolution, opts.resize_mode, opts.pad_colour)
-            encoded = encode_image(out, opts.image_format, opts.quality)
+            im = Image.open(io.BytesIO(data), formats=list(opts.allowed_formats))
         except Image.DecompressionBombError as exc:
             raise Rejected("bomb", str(exc)) from None
-        except Exception as exc:  # whatever hostile input does, it is one reject, not a failed run
+        except UnidentifiedImageError:
+            raise Rejected("undecodable", f"not a {'/'.join(opts.allowed_formats)} image") from None
+        except Exception as exc:  # Pillow's parsers raise many types on hostile headers
             raise Rejected(_decode_error_reason(exc), f"{type(exc).__name__}: {exc}") from None
+        with im:
+            width, height = im.size
+            if width * height > opts.max_image_pixels:
+                raise Rejected("bomb", f"{width}x{height} is more than max_image_pixels={opts.max_image_pixels}")
+            orig_format = im.format or "unknown"
+            try:
+                orientation = _exif_orientation(im)
+                if orientation in (5, 6, 7, 8):  # these orientations swap the axes
+                    width, height = height, width
+                _draft(im, width, height, opts)
+                im.load()
+                upright = ImageOps.exif_transpose(im) if orientation != 1 else im
+                rgb = _to_rgb(upright, opts.alpha_background)
+                out = resize_image(rgb, opts.resolution, opts.resize_mode, opts.pad_colour)
+                encoded = encode_image(out, opts.image_format, opts.quality)
+            except Image.DecompressionBombError as exc:
+                raise Rejected("bomb", str(exc)) from None
+            except Exception as exc:  # whatever hostile input does, it is one reject, not a failed run
+                raise Rejected(_decode_error_reason(exc), f"{type(exc).__name__}: {exc}") from None
     return ProcessedImage(
         data=encoded,
         sha256=hashlib.sha256(encoded).hexdigest(),
@@ -206,6 +216,27 @@ def process_image(data: bytes, opts: ImageOptions) -> ProcessedImage:
         orig_height=height,
         orig_format=orig_format,
     )
+
+
+@contextlib.contextmanager
+def _pillow_pixel_limit(max_image_pixels: int) -> Iterator[None]:
+    """Lift Pillow's own bomb limit to `max_image_pixels` while decoding, if ours is higher.
+
+    Pillow refuses more than 2 x Image.MAX_IMAGE_PIXELS (179 Mpx by default) when it
+    opens or loads an image, so a higher max_image_pixels would never apply. A lower
+    one leaves Pillow's limit as it is: a second guard behind ours. Decoding runs on
+    one thread per worker process (see `_stage_url_items`), so no other decode sees
+    the change.
+    """
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    if pillow_limit is None or max_image_pixels <= pillow_limit:
+        yield
+        return
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 def _decode_error_reason(exc: BaseException) -> str:
@@ -361,19 +392,22 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         raise Rejected("missing_file", f"{path.name} not found") from None
+    except OSError as exc:  # a name below a file, too long, unreadable, ...
+        raise Rejected("missing_file", f"cannot open {path.name!r}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL byte in the name
+        raise Rejected("missing_file", f"cannot open {path.name!r}: {exc}") from None
 
 
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
-def _http_opener() -> urllib.request.OpenerDirector:
+def _http_opener(deadline: float) -> urllib.request.OpenerDirector:
     # Only HTTP(S) and redirects between them: no file://, ftp:// or data: handlers,
     # so a URL list cannot make us read local files.
     opener = urllib.request.OpenerDirector()
     for handler in (
         urllib.request.ProxyHandler(),
-        urllib.request.HTTPHandler(),
-        urllib.request.HTTPSHandler(),
+        _DeadlineHTTPHandler(deadline),
         urllib.request.HTTPRedirectHandler(),
         urllib.request.HTTPDefaultErrorHandler(),
         urllib.request.HTTPErrorProcessor(),
@@ -382,20 +416,95 @@ def _http_opener() -> urllib.request.OpenerDirector:
     return opener
 
 
-def fetch_url(url: str, opts: StageOptions, opener: urllib.request.OpenerDirector | None = None) -> bytes:
+class _DeadlineHTTPHandler(urllib.request.AbstractHTTPHandler):
+    """urllib's HTTP and HTTPS handlers, over connections that all end by one deadline."""
+
+    def __init__(self, deadline: float) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_DeadlineHTTPConnection, deadline=self.deadline), req)
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_DeadlineHTTPSConnection, deadline=self.deadline), req)
+
+    http_request = https_request = urllib.request.AbstractHTTPHandler.do_request_
+
+
+class _DeadlineHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args, deadline: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def connect(self) -> None:
+        self.timeout = _time_left(self.deadline)  # a redirect's connect gets only what is left
+        super().connect()
+        self.sock = _DeadlineSocket(self.sock, self.deadline)
+
+
+class _DeadlineHTTPSConnection(_DeadlineHTTPConnection, http.client.HTTPSConnection):
+    pass  # connect() wraps the socket after HTTPSConnection's TLS handshake
+
+
+class _DeadlineSocket:
+    """A connected socket whose reads all end by `deadline`.
+
+    http.client gives each read of the status line, headers and body the full timeout,
+    so a server sending one byte per timeout could hold a download for ever; here each
+    read waits at most the time left. Everything but `makefile` is the socket's own.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock, self._deadline = sock, deadline
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+    def makefile(self, mode: str = "rb") -> io.BufferedReader:  # http.client only reads ("rb")
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock, self._deadline = sock, deadline
+        # The socket's own raw file keeps the socket open until this file is closed,
+        # as http.client expects of a response's file.
+        self._raw = sock.makefile("rb", buffering=0)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self._sock.settimeout(_time_left(self._deadline))
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _time_left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("download deadline passed")
+    return left
+
+
+def fetch_url(url: str, opts: StageOptions) -> bytes:
     """GET `url` with a whole-download deadline, retrying transient failures with backoff.
 
-    `http_timeout_s` bounds each attempt from connect to the last byte, so a server
-    that trickles bytes cannot hold a worker forever. 4xx answers other than
-    408/425/429 are final and not retried.
+    `http_timeout_s` bounds each attempt from connect to the last byte, redirects
+    included, so a server that trickles bytes cannot hold a worker for long. 4xx
+    answers other than 408/425/429 are final and not retried, and so is a malformed
+    URL in a redirect.
     """
-    opener = opener or _http_opener()
     last = Rejected("download_failed", "no attempt made")
     for attempt in range(opts.http_retries + 1):
         if attempt:
             time.sleep(opts.http_backoff_s * 2 ** (attempt - 1))
         try:
-            return _fetch_once(url, opts, opener)
+            return _fetch_once(url, opts)
         except urllib.error.HTTPError as exc:
             last = Rejected("http_error", f"HTTP {exc.code} {exc.reason}")
             if exc.code not in _RETRY_STATUS:
@@ -409,27 +518,29 @@ def fetch_url(url: str, opts: StageOptions, opener: urllib.request.OpenerDirecto
                 last = Rejected("download_failed", str(exc.reason))
         except Rejected:
             raise
-        except OSError as exc:  # connection reset, bad status line, ...
+        except (http.client.InvalidURL, ValueError) as exc:  # a redirect to a malformed URL
+            raise Rejected("bad_url", f"{type(exc).__name__}: {exc}") from None
+        except (OSError, http.client.HTTPException) as exc:  # connection reset, bad status line, body cut short, ...
             last = Rejected("download_failed", f"{type(exc).__name__}: {exc}")
     raise Rejected(last.reason, f"{last.detail} (after {opts.http_retries + 1} attempts)")
 
 
-def _fetch_once(url: str, opts: StageOptions, opener: urllib.request.OpenerDirector) -> bytes:
-    deadline = time.monotonic() + opts.http_timeout_s
+def _fetch_once(url: str, opts: StageOptions) -> bytes:
+    opener = _http_opener(time.monotonic() + opts.http_timeout_s)
     request = urllib.request.Request(url, headers={"User-Agent": "t2i-pipeline-ingest/0.1"})
     with opener.open(request, timeout=opts.http_timeout_s) as response:
         length = response.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > opts.max_input_bytes:
+        expected = int(length) if length is not None and length.isdecimal() else None
+        if expected is not None and expected > opts.max_input_bytes:
             raise Rejected("too_large", f"Content-Length {length} > max_input_bytes={opts.max_input_bytes}")
         chunks, total = [], 0
-        # read1 returns what has arrived, so the deadline is checked while a server trickles.
         while chunk := response.read1(64 * 1024):
             total += len(chunk)
             if total > opts.max_input_bytes:
                 raise Rejected("too_large", f"more than max_input_bytes={opts.max_input_bytes}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("download deadline passed")
             chunks.append(chunk)
+        if expected is not None and total < expected:  # http.client ends such a body quietly
+            raise http.client.IncompleteRead(b"".join(chunks), expected - total)
         return b"".join(chunks)
 
 
@@ -437,9 +548,15 @@ def check_url(url: str | None) -> tuple[str, str] | None:
     """A planning-time check: why `url` cannot be fetched, or None."""
     if not url or not isinstance(url, str):
         return ("bad_url", "empty URL")
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme not in ("http", "https"):
-        return ("bad_url", f"scheme {scheme or '(none)'!r} is not http or https")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises ValueError for a port that is not a number in 0-65535
+    except ValueError as exc:
+        return ("bad_url", f"malformed URL: {exc}")
+    if parts.scheme not in ("http", "https"):
+        return ("bad_url", f"scheme {parts.scheme or '(none)'!r} is not http or https")
+    if not parts.hostname:
+        return ("bad_url", "no host name")
     return None
 
 
@@ -481,59 +598,83 @@ class _TarSample:
     exts: tuple[str, ...] = ()
 
 
+class ShardBreaksOff(tarfile.TarError):
+    """A tar shard that ends, or cannot be read further, before its end-of-archive blocks."""
+
+
 def iter_tar_samples(path: Path, opts: StageOptions) -> Iterator[_TarSample]:
     """Stream a shard member by member; members of one sample are adjacent (WebDataset).
 
     Nothing is ever extracted to disk: regular members are read into memory with
     `extractfile`, one sample at a time; unsafe members become samples of their
     own carrying an unsafe_member problem, so each one is counted as a reject.
+    A shard that breaks off (a cut download or copy) raises `ShardBreaksOff` after
+    its last sample; that sample, if it lacks its image or caption, carries a
+    truncated problem rather than looking like a sample without caption.
     """
     image_exts = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
     current: _TarSample | None = None
     with tarfile.open(path, mode="r|*") as tf:
-        for member in tf:
-            if member.isdir():
-                continue
-            problem = _member_problem(member)
-            if problem is not None:
-                if current is not None:
+        try:
+            for member in tf:
+                if member.isdir():
+                    continue
+                problem = _member_problem(member)
+                if problem is not None:
+                    if current is not None:
+                        yield current
+                        current = None
+                    yield _TarSample(key=member.name, problem=("unsafe_member", problem))
+                    continue
+                key, ext = _split_key(member.name)
+                if current is not None and current.key != key:
                     yield current
                     current = None
-                yield _TarSample(key=member.name, problem=("unsafe_member", problem))
-                continue
-            key, ext = _split_key(member.name)
-            if current is not None and current.key != key:
-                yield current
-                current = None
-            if current is None:
-                current = _TarSample(key=key)
-            current.exts += (ext,)
-            if current.problem is not None:
-                continue
-            is_image = ext in image_exts
-            is_caption = ext in ("txt", "json")
-            if not (is_image or is_caption) or (is_image and current.image is not None):
-                continue  # other fields (cls, a second image, ...) are not ours
-            limit = opts.max_input_bytes if is_image else MAX_CAPTION_BYTES
-            if member.size > limit:
-                reason = "too_large" if is_image else "caption_too_long"
-                current.problem = (reason, f"member {member.name} has {member.size} bytes > {limit}")
-                continue
-            data = tf.extractfile(member).read()
-            try:
-                if is_image:
-                    current.image, current.image_name = data, member.name
-                elif ext == "txt":
-                    current.caption = decode_caption_bytes(data)
-                elif current.caption is None or current.meta is None:
-                    caption, meta = _caption_from_json(data, opts.caption_keys)
-                    current.meta = meta
-                    if current.caption is None:
-                        current.caption = caption
-            except Rejected as exc:
-                current.problem = (exc.reason, exc.detail)
+                if current is None:
+                    current = _TarSample(key=key)
+                current.exts += (ext,)
+                if current.problem is not None:
+                    continue
+                is_image = ext in image_exts
+                is_caption = ext in ("txt", "json")
+                if not (is_image or is_caption) or (is_image and current.image is not None):
+                    continue  # other fields (cls, a second image, ...) are not ours
+                limit = opts.max_input_bytes if is_image else MAX_CAPTION_BYTES
+                if member.size > limit:
+                    reason = "too_large" if is_image else "caption_too_long"
+                    current.problem = (reason, f"member {member.name} has {member.size} bytes > {limit}")
+                    continue
+                data = tf.extractfile(member).read()
+                try:
+                    if is_image:
+                        current.image, current.image_name = data, member.name
+                    elif ext == "txt":
+                        current.caption = decode_caption_bytes(data)
+                    elif current.caption is None or current.meta is None:
+                        caption, meta = _caption_from_json(data, opts.caption_keys)
+                        current.meta = meta
+                        if current.caption is None:
+                            current.caption = caption
+                except Rejected as exc:
+                    current.problem = (exc.reason, exc.detail)
+            broken = None if _ended_properly(tf) else "it ends without end-of-archive blocks"
+        except (tarfile.TarError, EOFError) as exc:  # cut inside a member, corrupt compressed data, ...
+            broken = f"{type(exc).__name__}: {exc}"
         if current is not None:
+            if broken and current.problem is None and (current.image is None or current.caption is None):
+                current.problem = ("truncated", f"the shard breaks off inside this sample ({broken})")
             yield current
+    if broken:
+        raise ShardBreaksOff(broken)
+
+
+def _ended_properly(tf: tarfile.TarFile) -> bool:
+    """Whether iteration stopped at a zero block, the end-of-archive marker.
+
+    tarfile also stops, silently, at a missing or partial header (a cut file); only at
+    the marker has it read one whole block past the last member (`offset`).
+    """
+    return tf.fileobj.tell() == tf.offset + tarfile.BLOCKSIZE
 
 
 def _caption_from_json(data: bytes, keys: tuple[str, ...]) -> tuple[str | None, str]:
@@ -686,13 +827,11 @@ def _stage_file_item(stager: _Stager, item: InputItem, opts: StageOptions) -> No
 
 
 def _stage_url_items(stager: _Stager, items: tuple[InputItem, ...], opts: StageOptions) -> None:
-    opener = _http_opener()
-
     def download(item: InputItem) -> bytes | Rejected:
         if item.reject is not None:
             return Rejected(*item.reject)
         try:
-            return fetch_url(item.uri, opts, opener)
+            return fetch_url(item.uri, opts)
         except Rejected as exc:
             return exc
 
@@ -724,6 +863,10 @@ def _stage_tar(stager: _Stager, unit: WorkUnit, opts: StageOptions) -> None:
                 found = ", ".join(sample.exts) or "nothing"
                 problem = Rejected("missing_file", f"sample has no image member (found: {found})")
             stager.add(uri, sample.caption, sample.image, sample.meta, problem)
-    except tarfile.TarError as exc:
-        # A corrupt shard tail: samples read so far are kept; the shard is one more reject.
+    except ShardBreaksOff as exc:
+        # Samples read so far are kept; the lost rest of the shard is one more reject.
+        detail = f"tar shard {unit.shard_name} breaks off: {exc}; the samples after that point are lost"
+        log.warning("%s", detail)
+        stager.add(f"{unit.shard_name}#", None, None, None, Rejected("truncated_shard", detail))
+    except tarfile.TarError as exc:  # not a tar shard at all
         stager.add(f"{unit.shard_name}#", None, None, None, Rejected("undecodable", f"tar shard: {exc}"))

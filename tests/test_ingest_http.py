@@ -1,8 +1,9 @@
 """Ingest from URL lists against an HTTP server on 127.0.0.1 started by the test.
 
 Routes cover 200, 404, a server that never answers in time, one that answers slowly
-(but in time), one that trickles bytes past the deadline, a flaky 503, redirects and
-non-image bodies. Every URL ends as a row or a reject carrying its status.
+(but in time), ones that trickle the body or the headers past the deadline, a flaky
+503, redirects, non-image bodies and broken HTTP (a garbage status line, bodies cut
+short). Every URL ends as a row or a reject carrying its status.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from tasks.image_io import Rejected, StageOptions, check_url, fetch_url
 from tasks.ingest import IngestConfig, detect_source, ingest_dataset
 
 
@@ -30,7 +32,7 @@ def png(seed: int) -> bytes:
 
 
 class Handler(BaseHTTPRequestHandler):
-    flaky_calls: dict[str, int] = {}
+    calls: dict[str, int] = {}  # requests per path
     lock = threading.Lock()
 
     def log_message(self, *args):  # keep test output clean
@@ -44,6 +46,8 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):  # noqa: N802 (http.server's name)
+        with self.lock:
+            self.calls[self.path] = self.calls.get(self.path, 0) + 1
         try:
             self.route(self.path)
         except (BrokenPipeError, ConnectionResetError):
@@ -69,10 +73,27 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(body[i : i + 200])
                 self.wfile.flush()
                 time.sleep(0.1)
+        elif path == "/trickle-headers.png":
+            # One header byte every 0.1 s: each read is quick, the whole far past the deadline.
+            for byte in b"HTTP/1.1 200 OK\r\nX-Padding: " + b"a" * 40 + b"\r\nContent-Length: 0\r\n\r\n":
+                self.wfile.write(bytes([byte]))
+                time.sleep(0.1)
+        elif path == "/garbage.png":
+            self.wfile.write(b"HELLO THERE\r\n\r\n")
+        elif path == "/cut-body.png":
+            body = png(94)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+        elif path == "/cut-chunked.png":
+            body = png(95)
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(f"{len(body):x}\r\n".encode() + body[: len(body) // 2])
         elif path == "/flaky.png":
-            with self.lock:
-                calls = self.flaky_calls[path] = self.flaky_calls.get(path, 0) + 1
-            if calls == 1:
+            if self.calls[path] == 1:
                 self.send(503, b"busy", "text/plain")
             else:
                 self.send(200, png(92))
@@ -86,6 +107,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", "file:///etc/passwd")
             self.end_headers()
+        elif path == "/redirect-malformed.png":
+            self.send_response(302)
+            self.send_header("Location", "http://[::1/x.png")
+            self.end_headers()
         else:
             self.send(500, b"unexpected route", "text/plain")
 
@@ -94,7 +119,7 @@ class Handler(BaseHTTPRequestHandler):
 def server(monkeypatch):
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
-    Handler.flaky_calls = {}
+    Handler.calls = {}
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -122,6 +147,9 @@ def test_url_list_every_status_is_counted(server: str, tmp_path: Path):
         "http://127.0.0.1:1/closed-port.png": "download_failed",
         "file:///etc/passwd": "bad_url",
         "ftp://example.com/a.png": "bad_url",
+        "http://[::1/x.png": "bad_url",
+        "http://example.com:port/x.png": "bad_url",
+        f"{server}/cut-body.png": "download_failed",
     }
     lines = ["url,caption"] + [f"{url},caption for {i}" for i, url in enumerate(expected)]
     (tmp_path / "urls.csv").write_text("\n".join(lines) + "\n")
@@ -160,3 +188,56 @@ def test_url_list_without_required_columns_is_a_clear_error(tmp_path: Path):
 
     with pytest.raises(IngestError, match="needs a url and a caption"):
         ingest_dataset(tmp_path / "urls.csv", "bad", CONFIG, progress=False)
+
+
+def stage_options(**overrides) -> StageOptions:
+    base = dict(
+        image=None,
+        caption_keys=(),
+        max_input_bytes=1 << 20,
+        http_timeout_s=0.5,
+        http_retries=1,
+        http_backoff_s=0,
+        http_concurrency=1,
+        row_group_rows=8,
+    )
+    return StageOptions(**{**base, **overrides})
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://[::1/x.png", "http://example.com:port/x.png", "http://example.com:99999/x.png", "http:///x.png", ""],
+    ids=["open-bracket", "named-port", "port-out-of-range", "no-host", "empty"],
+)
+def test_malformed_url_is_a_bad_url(url: str):
+    reason, detail = check_url(url)
+    assert reason == "bad_url" and detail
+
+
+def test_well_formed_urls_pass_the_check():
+    assert check_url("http://[::1]:8080/x.png") is None
+    assert check_url("HTTPS://example.com/a%20b.png?size=2") is None
+
+
+def test_redirect_to_a_malformed_url_is_a_bad_url_not_retried(server: str):
+    with pytest.raises(Rejected) as info:
+        fetch_url(f"{server}/redirect-malformed.png", stage_options())
+    assert info.value.reason == "bad_url"
+    assert Handler.calls["/redirect-malformed.png"] == 1
+
+
+@pytest.mark.parametrize("path", ["/garbage.png", "/cut-body.png", "/cut-chunked.png"])
+def test_broken_http_answer_is_a_download_failure_after_retries(server: str, path: str):
+    with pytest.raises(Rejected) as info:
+        fetch_url(f"{server}{path}", stage_options(http_retries=1))
+    assert info.value.reason == "download_failed"
+    assert "2 attempts" in info.value.detail
+    assert Handler.calls[path] == 2
+
+
+def test_deadline_covers_the_headers(server: str):
+    started = time.monotonic()
+    with pytest.raises(Rejected) as info:
+        fetch_url(f"{server}/trickle-headers.png", stage_options(http_timeout_s=0.5, http_retries=0))
+    assert info.value.reason == "timeout"
+    assert time.monotonic() - started < 1.0  # the trickle alone takes 9 s

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import tarfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from tasks.image_io import (
     ImageOptions,
+    InputItem,
     Rejected,
     StageOptions,
+    WorkUnit,
     decode_caption_bytes,
     iter_tar_samples,
     normalize_caption,
     process_image,
     resize_image,
+    stage_unit,
 )
 
 
@@ -98,11 +103,22 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding():
     assert info.value.reason == "bomb"
 
 
-def test_header_claiming_gigapixels_is_a_bomb_even_above_our_limit():
-    # Pillow's own guard (2 x Image.MAX_IMAGE_PIXELS) fires inside open().
+def test_header_claiming_gigapixels_is_a_bomb():
     data = with_ihdr_size(encode(Image.new("RGB", (8, 8)), "PNG"), 100_000, 100_000)
     with pytest.raises(Rejected) as info:
-        process_image(data, options(max_image_pixels=10**12))
+        process_image(data, options())
+    assert info.value.reason == "bomb"
+
+
+def test_configured_pixel_limit_applies_above_pillows_own(monkeypatch):
+    # Pillow refuses more than 2 x Image.MAX_IMAGE_PIXELS inside open(); shrink its
+    # limit (2000 px) so a 64 x 64 image (4096 px) stands for one above the default.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = encode(noise(64, 64), "PNG")
+    assert process_image(data, options(max_image_pixels=10_000)).orig_width == 64
+    assert Image.MAX_IMAGE_PIXELS == 1000  # Pillow's limit is back for everyone else
+    with pytest.raises(Rejected) as info:  # below Pillow's limit, ours applies as before
+        process_image(data, options(max_image_pixels=500))
     assert info.value.reason == "bomb"
 
 
@@ -302,3 +318,78 @@ def test_tar_samples_group_by_key_and_unsafe_members_are_flagged(tmp_path: Path)
     assert samples[-1].caption == "second" and samples[-1].image is None  # "foo.jpg" is not an image field
     assert '"source": "x"' in samples[-1].meta
     assert not (tmp_path.parent / "escape.txt").exists()
+
+
+# --- staging units ----------------------------------------------------------------------------
+
+
+def stage(unit: WorkUnit, stage_dir: Path) -> tuple[dict[str, int], list[dict], list[dict]]:
+    for part in ("rows", "rejects"):
+        (stage_dir / part).mkdir(parents=True)
+    counts = stage_unit(unit, stage_options(), str(stage_dir))
+    rows = pq.read_table(stage_dir / "rows", columns=["source_uri", "caption"]).to_pylist()
+    rejects = pq.read_table(stage_dir / "rejects", columns=["source_uri", "reason", "detail"]).to_pylist()
+    return counts, rows, rejects
+
+
+@pytest.mark.parametrize(
+    "name", ["0.png/x.png", "a\x00.png", "y" * 300 + ".png"], ids=["below-a-file", "nul-byte", "name-too-long"]
+)
+def test_file_names_that_cannot_be_opened_are_counted_rejects(tmp_path: Path, name: str):
+    (tmp_path / "0.png").write_bytes(encode(noise(8, 8), "PNG"))
+    items = (
+        InputItem(uri=str(tmp_path / "0.png"), source_uri="0.png", caption="a good row"),
+        InputItem(uri=str(tmp_path / name), source_uri=name, caption="a bad row"),
+    )
+    counts, rows, rejects = stage(WorkUnit(index=0, kind="files", items=items), tmp_path / "stage")
+    assert counts == {"inputs": 2, "staged": 1, "rejected": 1}
+    assert [(r["source_uri"], r["reason"]) for r in rejects] == [(name, "missing_file")]
+    assert rejects[0]["detail"]
+
+
+def tiny_shard(samples: int) -> bytes:
+    """Samples 000, 001, ... of an 8 x 8 PNG and a caption; each member takes a 512-byte
+    header block and one 512-byte data block, so sample i starts at byte i * 2048."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i in range(samples):
+            add_member(tf, f"{i:03d}.png", encode(Image.new("RGB", (8, 8), (i, 0, 0)), "PNG"))
+            add_member(tf, f"{i:03d}.txt", f"caption {i}".encode())
+    return buf.getvalue()
+
+
+SAMPLE_BYTES = 2048
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+@pytest.mark.parametrize(
+    "cut, staged, cut_sample",
+    [
+        (None, 4, False),
+        (2 * SAMPLE_BYTES, 2, False),  # on a member boundary, without the end-of-archive blocks
+        (2 * SAMPLE_BYTES + 100, 2, False),  # inside the header of 002.png
+        (2 * SAMPLE_BYTES + 1024, 2, True),  # after 002.png: its caption never came
+        (2 * SAMPLE_BYTES + 1536 + 4, 2, True),  # inside the data of 002.txt
+    ],
+    ids=["complete", "at-boundary", "in-header", "before-caption", "in-caption"],
+)
+def test_cut_tar_shard_is_a_counted_reject(tmp_path: Path, caplog, suffix, cut, staged, cut_sample):
+    raw = tiny_shard(4)[:cut]
+    if suffix == ".tar.gz":
+        # A gzip stream cut after `cut` bytes of tar: no trailer, as a cut download leaves it.
+        gz = zlib.compressobj(wbits=31)
+        raw = gz.compress(raw) + (gz.flush() if cut is None else gz.flush(zlib.Z_SYNC_FLUSH))
+    shard = tmp_path / f"shard{suffix}"
+    shard.write_bytes(raw)
+    unit = WorkUnit(index=0, kind="tar", shard=str(shard), shard_name=shard.name)
+    with caplog.at_level(logging.WARNING, logger="tasks.image_io"):
+        counts, rows, rejects = stage(unit, tmp_path / "stage")
+
+    assert [r["source_uri"] for r in rows] == [f"{shard.name}#{i:03d}" for i in range(staged)]
+    expected = [(f"{shard.name}#002", "truncated")] if cut_sample else []
+    expected += [(f"{shard.name}#", "truncated_shard")] if cut is not None else []
+    assert [(r["source_uri"], r["reason"]) for r in rejects] == expected
+    assert counts == {"inputs": len(rows) + len(rejects), "staged": len(rows), "rejected": len(rejects)}
+    if cut is not None:
+        assert shard.name in rejects[-1]["detail"]
+        assert shard.name in caplog.text
