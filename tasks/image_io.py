@@ -13,7 +13,7 @@ seconds to import them).
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import functools
 import hashlib
 import http.client
@@ -179,34 +179,34 @@ def process_image(data: bytes, opts: ImageOptions) -> ProcessedImage:
     """
     if not data:
         raise Rejected("undecodable", "empty file (0 bytes)")
-    with _pillow_pixel_limit(opts.max_image_pixels):
+    _lift_pillow_pixel_limit(opts.max_image_pixels)
+    try:
+        im = Image.open(io.BytesIO(data), formats=list(opts.allowed_formats))
+    except Image.DecompressionBombError as exc:
+        raise Rejected("bomb", str(exc)) from None
+    except UnidentifiedImageError:
+        raise Rejected("undecodable", f"not a {'/'.join(opts.allowed_formats)} image") from None
+    except Exception as exc:  # Pillow's parsers raise many types on hostile headers
+        raise Rejected(_decode_error_reason(exc), f"{type(exc).__name__}: {exc}") from None
+    with im:
+        width, height = im.size
+        if width * height > opts.max_image_pixels:
+            raise Rejected("bomb", f"{width}x{height} is more than max_image_pixels={opts.max_image_pixels}")
+        orig_format = im.format or "unknown"
         try:
-            im = Image.open(io.BytesIO(data), formats=list(opts.allowed_formats))
+            orientation = _exif_orientation(im)
+            if orientation in (5, 6, 7, 8):  # these orientations swap the axes
+                width, height = height, width
+            _draft(im, width, height, opts)
+            im.load()
+            upright = ImageOps.exif_transpose(im) if orientation != 1 else im
+            rgb = _to_rgb(upright, opts.alpha_background)
+            out = resize_image(rgb, opts.resolution, opts.resize_mode, opts.pad_colour)
+            encoded = encode_image(out, opts.image_format, opts.quality)
         except Image.DecompressionBombError as exc:
             raise Rejected("bomb", str(exc)) from None
-        except UnidentifiedImageError:
-            raise Rejected("undecodable", f"not a {'/'.join(opts.allowed_formats)} image") from None
-        except Exception as exc:  # Pillow's parsers raise many types on hostile headers
+        except Exception as exc:  # whatever hostile input does, it is one reject, not a failed run
             raise Rejected(_decode_error_reason(exc), f"{type(exc).__name__}: {exc}") from None
-        with im:
-            width, height = im.size
-            if width * height > opts.max_image_pixels:
-                raise Rejected("bomb", f"{width}x{height} is more than max_image_pixels={opts.max_image_pixels}")
-            orig_format = im.format or "unknown"
-            try:
-                orientation = _exif_orientation(im)
-                if orientation in (5, 6, 7, 8):  # these orientations swap the axes
-                    width, height = height, width
-                _draft(im, width, height, opts)
-                im.load()
-                upright = ImageOps.exif_transpose(im) if orientation != 1 else im
-                rgb = _to_rgb(upright, opts.alpha_background)
-                out = resize_image(rgb, opts.resolution, opts.resize_mode, opts.pad_colour)
-                encoded = encode_image(out, opts.image_format, opts.quality)
-            except Image.DecompressionBombError as exc:
-                raise Rejected("bomb", str(exc)) from None
-            except Exception as exc:  # whatever hostile input does, it is one reject, not a failed run
-                raise Rejected(_decode_error_reason(exc), f"{type(exc).__name__}: {exc}") from None
     return ProcessedImage(
         data=encoded,
         sha256=hashlib.sha256(encoded).hexdigest(),
@@ -218,25 +218,16 @@ def process_image(data: bytes, opts: ImageOptions) -> ProcessedImage:
     )
 
 
-@contextlib.contextmanager
-def _pillow_pixel_limit(max_image_pixels: int) -> Iterator[None]:
-    """Lift Pillow's own bomb limit to `max_image_pixels` while decoding, if ours is higher.
+def _lift_pillow_pixel_limit(max_image_pixels: int) -> None:
+    """Raise Pillow's own bomb limit to `max_image_pixels` where ours is higher.
 
-    Pillow refuses more than 2 x Image.MAX_IMAGE_PIXELS (179 Mpx by default) when it
-    opens or loads an image, so a higher max_image_pixels would never apply. A lower
-    one leaves Pillow's limit as it is: a second guard behind ours. Decoding runs on
-    one thread per worker process (see `_stage_url_items`), so no other decode sees
-    the change.
-    """
-    pillow_limit = Image.MAX_IMAGE_PIXELS
-    if pillow_limit is None or max_image_pixels <= pillow_limit:
-        yield
-        return
-    Image.MAX_IMAGE_PIXELS = max_image_pixels
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = pillow_limit
+    Pillow refuses more than 2 x Image.MAX_IMAGE_PIXELS (179 Mpx by default) when it opens
+    or loads an image, so a higher max_image_pixels would never apply. The limit is one per
+    process and decoding threads share it, so it is only ever raised, never put back: our
+    own check from the header (`process_image`) is the one that applies, Pillow's a second
+    guard behind it."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_image_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_image_pixels
 
 
 def _decode_error_reason(exc: BaseException) -> str:
@@ -382,6 +373,11 @@ def _read_caption_file(path: Path) -> str:
 # Reading inputs
 
 
+# Errors that a metadata row's file name causes (a name below a file, too long, a directory,
+# a link loop, no permission): that row's reject.
+_BAD_NAME_ERRNOS = frozenset({errno.ENOTDIR, errno.ENAMETOOLONG, errno.EISDIR, errno.ELOOP, errno.EACCES, errno.EINVAL})
+
+
 def _read_file(path: Path, max_bytes: int) -> bytes:
     try:
         size = path.stat().st_size
@@ -392,7 +388,9 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         raise Rejected("missing_file", f"{path.name} not found") from None
-    except OSError as exc:  # a name below a file, too long, unreadable, ...
+    except OSError as exc:
+        if exc.errno not in _BAD_NAME_ERRNOS:  # an I/O error is the machine's, not the row's: the run fails
+            raise
         raise Rejected("missing_file", f"cannot open {path.name!r}: {exc.strerror or exc}") from None
     except ValueError as exc:  # a NUL byte in the name
         raise Rejected("missing_file", f"cannot open {path.name!r}: {exc}") from None
@@ -614,7 +612,8 @@ def iter_tar_samples(path: Path, opts: StageOptions) -> Iterator[_TarSample]:
     """
     image_exts = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
     current: _TarSample | None = None
-    with tarfile.open(path, mode="r|*") as tf:
+    marker: list[bool] = []  # one entry once the end-of-archive block is read
+    with tarfile.open(path, mode="r|*", tarinfo=_marker_noting_tarinfo(marker)) as tf:
         try:
             for member in tf:
                 if member.isdir():
@@ -657,7 +656,7 @@ def iter_tar_samples(path: Path, opts: StageOptions) -> Iterator[_TarSample]:
                             current.caption = caption
                 except Rejected as exc:
                     current.problem = (exc.reason, exc.detail)
-            broken = None if _ended_properly(tf) else "it ends without end-of-archive blocks"
+            broken = None if marker else "it breaks off before its end-of-archive block (cut or corrupt)"
         except (tarfile.TarError, EOFError) as exc:  # cut inside a member, corrupt compressed data, ...
             broken = f"{type(exc).__name__}: {exc}"
         if current is not None:
@@ -668,13 +667,24 @@ def iter_tar_samples(path: Path, opts: StageOptions) -> Iterator[_TarSample]:
         raise ShardBreaksOff(broken)
 
 
-def _ended_properly(tf: tarfile.TarFile) -> bool:
-    """Whether iteration stopped at a zero block, the end-of-archive marker.
+def _marker_noting_tarinfo(marker: list[bool]) -> type[tarfile.TarInfo]:
+    """A TarInfo class that appends to `marker` when tarfile reads the end-of-archive block.
 
-    tarfile also stops, silently, at a missing or partial header (a cut file); only at
-    the marker has it read one whole block past the last member (`offset`).
-    """
-    return tf.fileobj.tell() == tf.offset + tarfile.BLOCKSIZE
+    tarfile ends its iteration the same quiet way at that zero block, at a missing or
+    partial header (a cut file) and at a corrupt header past the first member; only the
+    first is a proper end. tarfile tells them apart by the header error it raises inside
+    `fromtarfile`: EOFHeaderError is the zero block's."""
+
+    class MarkerNotingTarInfo(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
+            try:
+                return super().fromtarfile(tf)
+            except tarfile.EOFHeaderError:
+                marker.append(True)
+                raise
+
+    return MarkerNotingTarInfo
 
 
 def _caption_from_json(data: bytes, keys: tuple[str, ...]) -> tuple[str | None, str]:

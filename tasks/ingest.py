@@ -30,7 +30,6 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
-import itertools
 import json
 import logging
 import multiprocessing
@@ -469,16 +468,12 @@ def _metadata_records(path: Path) -> Iterator[tuple[str, dict | str]]:
                 raise IngestError(f"{path} is not UTF-8 ({exc}); save it as UTF-8") from None
     elif name.endswith(".csv"):
         with open(path, encoding="utf-8-sig", newline="", errors="strict") as f:
+            _lift_csv_field_limit()
             reader = csv.DictReader(f)
             try:
-                with _csv_field_limit():
-                    columns = reader.fieldnames or []
+                columns = reader.fieldnames or []
                 _require_columns(path, columns)
-                for rowno in itertools.count(2):
-                    with _csv_field_limit():
-                        row = next(reader, None)
-                    if row is None:
-                        break
+                for rowno, row in enumerate(reader, 2):
                     if None in row:  # DictReader keeps the fields beyond the header under None
                         extra = len(row[None])
                         yield f"{name}:{rowno}", f"row has {extra} extra field(s) beyond the header's {len(columns)}"
@@ -499,15 +494,13 @@ def _metadata_records(path: Path) -> Iterator[tuple[str, dict | str]]:
                 yield f"{name}:{rowno}", row
 
 
-@contextmanager
-def _csv_field_limit() -> Iterator[None]:
-    """csv's field limit raised from its 128 KiB default to MAX_CAPTION_BYTES, so a long caption
-    reaches the caption_too_long rule; restored after each read, as the limit is process-wide."""
-    previous = csv.field_size_limit(MAX_CAPTION_BYTES)
-    try:
-        yield
-    finally:
-        csv.field_size_limit(previous)
+def _lift_csv_field_limit() -> None:
+    """Raise csv's field limit from its 128 KiB default to MAX_CAPTION_BYTES, so a long caption
+    reaches the caption_too_long rule (a longer field stops the read with an IngestError naming
+    its line). The limit is one per process and threads read CSVs at once, so it is only ever
+    raised, never put back."""
+    if csv.field_size_limit() < MAX_CAPTION_BYTES:
+        csv.field_size_limit(MAX_CAPTION_BYTES)
 
 
 def _require_columns(path: Path, columns: list[str]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -81,12 +82,11 @@ def pull(local: Path, settings: Settings | None = None) -> bool:
     from pyarrow import fs as pafs
 
     fs, base = _filesystem(uri, settings)
-    tmp = local.with_name(f".pull-{local.name}-{os.getpid()}")
+    tmp = local.with_name(f".pull-{local.name}-{os.getpid()}-{uuid.uuid4().hex}")  # threads of a process each their own
     try:
         try:
             if fs.get_file_info(f"{base}/{MARKER}").type != pafs.FileType.File:
                 raise StorageError(f"{uri} is not published (no {MARKER}); run the stage that makes it")
-            shutil.rmtree(tmp, ignore_errors=True)
             for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
                 if info.type != pafs.FileType.File or info.base_name == MARKER:
                     continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import struct
@@ -116,10 +117,11 @@ def test_configured_pixel_limit_applies_above_pillows_own(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     data = encode(noise(64, 64), "PNG")
     assert process_image(data, options(max_image_pixels=10_000)).orig_width == 64
-    assert Image.MAX_IMAGE_PIXELS == 1000  # Pillow's limit is back for everyone else
-    with pytest.raises(Rejected) as info:  # below Pillow's limit, ours applies as before
+    # Raised for the process, never lowered again: decoding threads share it, and ours applies first.
+    assert Image.MAX_IMAGE_PIXELS == 10_000
+    with pytest.raises(Rejected) as info:  # a lower limit of ours applies as before
         process_image(data, options(max_image_pixels=500))
-    assert info.value.reason == "bomb"
+    assert info.value.reason == "bomb" and Image.MAX_IMAGE_PIXELS == 10_000
 
 
 def test_format_allow_list_is_enforced():
@@ -345,6 +347,28 @@ def test_file_names_that_cannot_be_opened_are_counted_rejects(tmp_path: Path, na
     assert counts == {"inputs": 2, "staged": 1, "rejected": 1}
     assert [(r["source_uri"], r["reason"]) for r in rejects] == [(name, "missing_file")]
     assert rejects[0]["detail"]
+
+
+def test_an_io_error_reading_an_input_fails_the_run_instead_of_dropping_the_row(tmp_path: Path, monkeypatch):
+    (tmp_path / "0.png").write_bytes(encode(noise(8, 8), "PNG"))
+
+    def failing_disk(self):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Path, "read_bytes", failing_disk)
+    items = (InputItem(uri=str(tmp_path / "0.png"), source_uri="0.png", caption="a good row"),)
+    with pytest.raises(OSError, match="Input/output error"):
+        stage(WorkUnit(index=0, kind="files", items=items), tmp_path / "stage")
+
+
+def test_a_corrupt_header_inside_a_shard_is_a_truncated_shard_reject(tmp_path: Path):
+    raw = bytearray(tiny_shard(4))
+    raw[2 * SAMPLE_BYTES : 2 * SAMPLE_BYTES + 512] = b"\xff" * 512  # 002.png's header: tarfile stops quietly there
+    shard = tmp_path / "shard.tar"
+    shard.write_bytes(bytes(raw))
+    counts, rows, rejects = stage(WorkUnit(index=0, kind="tar", shard=str(shard), shard_name=shard.name), tmp_path / "stage")
+    assert [r["source_uri"] for r in rows] == [f"{shard.name}#000", f"{shard.name}#001"]
+    assert [(r["source_uri"], r["reason"]) for r in rejects] == [(f"{shard.name}#", "truncated_shard")]
 
 
 def tiny_shard(samples: int) -> bytes:
