@@ -6,6 +6,7 @@ with `torch.load(weights_only=True)`, which refuses objects that carry code.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -37,7 +38,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
         write(tmp)
-        os.chmod(tmp, mode)  # `write` may replace the file: safetensors renames its own 0o600 file over it
+        try:
+            os.chmod(tmp, mode)  # `write` may replace the file: safetensors renames its own 0o600 file over it
+        except OSError as exc:  # a file system without modes (some FUSE and CIFS mounts): its own rules apply
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,6 +50,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new directory `parent/<prefix><random>` to build something in before it is published by
+    a rename. Its mode is a plain mkdir's (0o777 less the umask), not mkdtemp's 0o700: a reader
+    under another uid (a serving container, a training job) must be able to open what is published."""
+    path = Path(parent) / f"{prefix}{uuid.uuid4().hex[:12]}"
+    path.mkdir(mode=0o777)
     return path
 
 

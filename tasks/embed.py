@@ -45,7 +45,6 @@ import platform
 import re
 import shutil
 import socket
-import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -67,7 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from models.checkpoint import fsync_dir
+from models.checkpoint import fsync_dir, temp_dir
 from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizerPool, host_ids, prefix_order, to_device
 from tasks import storage
 from tasks.cluster import dask_client, require_distributed
@@ -687,7 +686,7 @@ def _build_and_publish(
 ) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL}{final.name}-{os.getpid()}@{_host()}-", dir=final.parent))
+    tmp = temp_dir(final.parent, f"{_PARTIAL}{final.name}-{os.getpid()}@{_host()}-")
     try:
         files: dict[str, list[str]] = {}
         counts: dict[str, int] = {}
@@ -960,7 +959,7 @@ def _add_val_images(
     """A published set asked for image embeddings it lacks: add them, published the same way."""
     _remove_stale_partials(final)
     shutil.rmtree(final / "val_images", ignore_errors=True)  # left by a run killed before its manifest update
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL}val_images-{os.getpid()}@{_host()}-", dir=final))
+    tmp = temp_dir(final, f"{_PARTIAL}val_images-{os.getpid()}@{_host()}-")
     try:
         files, count = _write_image_shards(dataset, config, encoder, tmp, progress)
         if files:

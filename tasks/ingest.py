@@ -38,7 +38,6 @@ import platform
 import re
 import shutil
 import socket
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, as_completed, wait
@@ -56,7 +55,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from models.checkpoint import fsync_dir
+from models.checkpoint import fsync_dir, temp_dir
 from tasks import storage
 from tasks.cluster import dask_client, require_distributed
 from tasks.contracts import DatasetVersion
@@ -185,7 +184,7 @@ def ingest_dataset(
     log.info("ingesting %s (%s source) as %s/%s", source, spec.kind, name, version)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-{os.getpid()}@{_host()}-", dir=final.parent))
+    tmp = temp_dir(final.parent, f".tmp-{version}-{os.getpid()}@{_host()}-")
     try:
         stage_dir = tmp / "stage"
         staged = _stage(spec, config, stage_dir, progress=progress, desc=f"ingest {name}", dask_address=dask_address)

@@ -24,7 +24,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from itertools import combinations
@@ -35,6 +34,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.checkpoint import temp_dir
 from tasks.prefect_compat import task
 from tasks.settings import get_settings
 
@@ -277,7 +277,7 @@ def generate_shapes(out_dir: str | Path, config: ShapesConfig | None = None) -> 
         raise ValueError(f"{out_dir} is not empty and is not a shapes set; choose an empty or new folder")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    tmp = temp_dir(out_dir.parent, f".tmp-{out_dir.name}-")
     try:
         _write_shapes(tmp, config)
         if out_dir.exists():

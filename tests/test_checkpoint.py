@@ -13,6 +13,7 @@ from models.checkpoint import (
     load_weights,
     save_state,
     save_weights,
+    temp_dir,
     write_json_atomic,
 )
 
@@ -95,8 +96,12 @@ def test_published_files_get_the_mode_a_plain_open_gives(tmp_path, umask):
         ]
         with open(tmp_path / "plain", "w") as f:
             f.write("x")
+        building = temp_dir(tmp_path, ".tmp-v1-")  # a dataset or embedding set before its rename
+        (tmp_path / "plain-dir").mkdir()
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask  # the oracle
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+    assert building.name.startswith(".tmp-v1-") and building.parent == tmp_path
+    assert stat.S_IMODE(building.stat().st_mode) == stat.S_IMODE((tmp_path / "plain-dir").stat().st_mode) == 0o777 & ~umask
