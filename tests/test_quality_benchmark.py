@@ -95,6 +95,7 @@ def test_embed_benchmark_times_both_graph_settings(tiny_clip, capsys, monkeypatc
 
     out = embed_benchmark(args)  # graphs that fail: the eager figures, and why there are no others
     assert out["cuda_graphs"] == [False] and "graphs_captions_per_s" not in out and out["batched_captions_per_s"] > 0
+    assert list(out["rounds_captions_per_s"]) == ["graphs_off"]
     assert "capture failed: operation not permitted" in out["graphs_error"]
     with pytest.raises(SystemExit, match="--cuda-graphs on: CUDA graphs failed: graph"):
         embed_benchmark([*args[:-1], "on"])
