@@ -1,7 +1,8 @@
 # The README's two commands: `make demo` and `make test`.
 # Both create .venv on first use and (re)install when pyproject.toml changes.
 
-PYTHON ?= python3
+# The project needs Python 3.11 or newer: python3.11 where it is installed, else python3.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed

@@ -6,7 +6,7 @@
     t2i embed DATASET_DIR --allow-random-init
     t2i train DATASET_DIR EMBEDDINGS_DIR --preset cpu-demo
     t2i evaluate RUN_DIR DATASET_DIR
-    t2i register RUN_DIR REPORT_JSON | t2i register --restore VERSION
+    t2i register RUN_DIR | t2i register --restore VERSION   # RUN_DIR/eval_report.json from `t2i evaluate`
     t2i sample "a red circle in the top left" --model models:/t2i-shapes@champion --out out.png
     t2i deploy --preset cpu-demo [--cron '0 3 * * 0'] [--work-pool local]   # scheduled retraining
 
@@ -65,13 +65,12 @@ def _preset(name: str, overrides: list[str] | None):
 
 def load_train_result(run_dir: Path):
     """The TrainResult a finished run wrote into its directory."""
-    from tasks.contracts import TrainResult
-    from tasks.train import RESULT_FILE
+    from tasks.train import RESULT_FILE, read_train_result
 
-    path = Path(run_dir) / RESULT_FILE
-    if not path.is_file():
-        raise typer.BadParameter(f"{path} not found: {run_dir} is not a finished training run (see `t2i train`)")
-    return TrainResult.model_validate_json(path.read_text(encoding="utf-8"))
+    result = read_train_result(run_dir)
+    if result is None:
+        raise typer.BadParameter(f"{Path(run_dir) / RESULT_FILE} not found: {run_dir} is not a finished training run (see `t2i train`)")
+    return result
 
 
 def _echo_json(title: str, obj) -> None:
@@ -131,9 +130,9 @@ def embed(
 
     overrides = list(set_ or [])
     if weights is not None:
-        overrides.append(f"embed.encoder.weights='{weights}'")
+        overrides.append(f"embed.encoder.weights={json.dumps(weights)}")  # a JSON string is YAML, quotes escaped
     if model_name is not None:
-        overrides.append(f"embed.encoder.model_name='{model_name}'")
+        overrides.append(f"embed.encoder.model_name={json.dumps(model_name)}")
     if allow_random_init is not None:
         overrides.append(f"embed.encoder.allow_random_init={str(allow_random_init).lower()}")
     result = embed_from_path(dataset_dir, _preset(preset, overrides).embed, dask_address=dask_address)

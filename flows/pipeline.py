@@ -17,6 +17,7 @@ Prefect artifacts (flows/artifacts.py).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from tasks.evaluate import evaluate_task
 from tasks.ingest import ingest_task
 from tasks.presets import Preset, load_preset
 from tasks.register import register_task
-from tasks.shapes import shapes_task
+from tasks.shapes import MIN_SHAPES_RESOLUTION, shapes_task
 from tasks.train import train_task
 
 
@@ -84,7 +85,9 @@ class PipelineParams(BaseModel):
         """The preset with this run's parameters applied on top (validated like the preset file)."""
         mapped = {
             "ingest.resolution": self.resolution,
-            "shapes.resolution": self.resolution,
+            # The shapes source is drawn at 32 px at least, then scaled down by ingest: drawn smaller
+            # (aliased), a small circle and a small square share their pixels and captions mislabel them.
+            "shapes.resolution": None if self.resolution is None else max(self.resolution, MIN_SHAPES_RESOLUTION),
             "train.resolution": self.resolution,  # evaluate needs none: it samples at the checkpoint's resolution
             "embed.encoder.weights": self.encoder_weights,
             "train.steps": self.steps,
@@ -99,7 +102,7 @@ class PipelineParams(BaseModel):
 
 
 def _yaml_scalar(value: object) -> str:
-    return f"'{value}'" if isinstance(value, str) else str(value)
+    return json.dumps(value) if isinstance(value, str) else str(value)  # a JSON string is a YAML one, quotes escaped
 
 
 # ---- how the flow runs a stage ------------------------------------------------------------------

@@ -38,6 +38,11 @@ from models.checkpoint import temp_dir
 from tasks.prefect_compat import task
 from tasks.settings import get_settings
 
+# The smallest side at which every shape class draws apart from the others (the attribute
+# checker reads the generator's own images right at 32 px and above); a smaller dataset is
+# best drawn at this size and scaled down by ingest, as cpu-demo does.
+MIN_SHAPES_RESOLUTION = 32
+
 # Attribute vocabularies (read-only). Every shape colour differs from every other one,
 # and from every background, by 255 in at least one channel (grey: by >= 127 in each).
 COLOURS: MappingProxyType[str, tuple[int, int, int]] = MappingProxyType(

@@ -392,13 +392,23 @@ def _check_resolution(dataset: DatasetVersion, config: TrainConfig) -> None:
         )
 
 
+def read_train_result(run_dir: str | Path) -> TrainResult | None:
+    """The TrainResult a finished run wrote into `run_dir` (None: the run has not finished)."""
+    data = _result_record(Path(run_dir))
+    return None if data is None else TrainResult.model_validate(data["result"])
+
+
+def _result_record(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / RESULT_FILE  # {"run_key", "result": TrainResult, "grid"}
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def _finished_result(run_dir: Path, key: str) -> TrainResult | None:
-    path = run_dir / RESULT_FILE
-    if not path.is_file():
+    data = _result_record(run_dir)
+    if data is None:
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
     if data.get("run_key") != key:
-        raise TrainingError(f"{path} belongs to run {data.get('run_key')}, not {key}; pass another run_dir")
+        raise TrainingError(f"{run_dir / RESULT_FILE} belongs to run {data.get('run_key')}, not {key}; pass another run_dir")
     return TrainResult.model_validate(data["result"])
 
 

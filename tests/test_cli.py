@@ -62,3 +62,11 @@ def test_ingest_resolution_zero_is_rejected_not_replaced(monkeypatch):
     result = CliRunner().invoke(app, ["ingest", "some/source", "--name", "n", "--resolution", "0"])
     assert result.exit_code != 0 and not called
     assert "resolution" in result.output and "greater than or equal to 8" in result.output
+
+
+def test_weights_paths_with_quotes_reach_the_config_as_given(embed_configs):
+    runner = CliRunner()
+    for path in ("/models/bob's.safetensors", "/m/a''b.pt", '/m/"x".pt'):
+        result = runner.invoke(app, ["embed", "d", "--weights", path])
+        assert result.exit_code == 0, result.output
+        assert embed_configs[-1].encoder["weights"] == path

@@ -186,6 +186,16 @@ def test_the_resolution_field_sets_every_stage_that_has_one():
         chosen = PipelineParams(preset=preset, resolution=32).to_preset()
         assert chosen.shapes.resolution == chosen.ingest.resolution == chosen.train.resolution == 32
     assert PipelineParams(preset="gpu-64px").to_preset().train.resolution == 64
+    # Smaller: the shapes are drawn at 32 px, where their classes differ, and ingest scales them down.
+    small = PipelineParams(preset="gpu-32px", resolution=16).to_preset()
+    assert (small.shapes.resolution, small.ingest.resolution, small.train.resolution) == (32, 16, 16)
+
+
+def test_the_encoder_weights_field_keeps_quotes_in_paths():
+    from flows.pipeline import PipelineParams
+
+    for path in ("/models/bob's.safetensors", "/m/a''b.pt", 'C:\\w "x".pt'):
+        assert PipelineParams(preset="cpu-demo", encoder_weights=path).to_preset().embed.encoder["weights"] == path
 
 
 def test_the_gate_threshold_field_must_be_finite():

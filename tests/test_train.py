@@ -125,6 +125,10 @@ def test_tiny_run_learns_publishes_and_is_idempotent(toy, tmp_path):
     images = pipe(["a red circle"], seed=0, steps=2)
     assert images[0].size == (8, 8)
 
+    from flows.cli import load_train_result  # what `t2i evaluate` and `t2i register RUN_DIR` read
+
+    assert load_train_result(run_dir) == result
+
     # same inputs again: the finished run comes back at once, nothing is retrained
     lines = (run_dir / METRICS_FILE).read_text()
     assert train_model(dataset, embeddings, cfg, mlflow_experiment=None, progress=False) == result
