@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -42,6 +43,8 @@ from tasks.settings import get_settings
 # checker reads the generator's own images right at 32 px and above); a smaller dataset is
 # best drawn at this size and scaled down by ingest, as cpu-demo does.
 MIN_SHAPES_RESOLUTION = 32
+
+log = logging.getLogger(__name__)
 
 # Attribute vocabularies (read-only). Every shape colour differs from every other one,
 # and from every background, by 255 in at least one channel (grey: by >= 127 in each).
@@ -266,6 +269,9 @@ def heldout_pairs(config: ShapesConfig) -> list[tuple[str, str]]:
             kept = [p for p in pairs if p not in held and p != pair]
             if {c for c, _ in kept} == set(config.colours) and {s for _, s in kept} == set(config.shapes):
                 held.append(pair)
+    if len(held) < n:
+        log.warning("shapes: %d (colour, shape) pairs held out, not the %d heldout_fraction=%s asks for: holding out "
+                    "more would leave a colour or shape out of training entirely", len(held), n, config.heldout_fraction)
     return sorted(held)
 
 

@@ -263,3 +263,13 @@ def test_distinct_image_count_is_exactly_what_the_generator_can_draw(tmp_path: P
     assert distinct_images(ShapesConfig(resolution=32)) == (6156, 39424)
     with pytest.raises(ValueError, match="45,580 distinct images"):
         ShapesConfig(n_images=50_000, resolution=32)
+
+
+def test_holding_out_fewer_pairs_than_asked_says_so(caplog):
+    # One colour: holding out any (colour, shape) pair would take that shape out of training.
+    config = ShapesConfig(colours=["red"], max_shapes=1, heldout_fraction=0.5)
+    assert heldout_pairs(config) == []
+    assert "0 (colour, shape) pairs held out, not the 2" in caplog.text
+    caplog.clear()
+    heldout_pairs(ShapesConfig())
+    assert "held out" not in caplog.text
