@@ -267,7 +267,7 @@ def test_distinct_image_count_is_exactly_what_the_generator_can_draw(tmp_path: P
 
 def test_holding_out_fewer_pairs_than_asked_says_so(caplog):
     # One colour: holding out any (colour, shape) pair would take that shape out of training.
-    config = ShapesConfig(colours=["red"], max_shapes=1, heldout_fraction=0.5)
+    config = ShapesConfig(colours=["red"], max_shapes=1, n_images=100, heldout_fraction=0.5)
     assert heldout_pairs(config) == []
     assert "0 (colour, shape) pairs held out, not the 2" in caplog.text
     caplog.clear()
