@@ -34,6 +34,7 @@ benchmark box) `embed_task` is the plain function, and everything else works.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import hashlib
@@ -46,6 +47,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,7 +68,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from models.checkpoint import fsync_dir, temp_dir
+from models.checkpoint import fsync_dir, temp_dir, write_json_atomic
 from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizerPool, host_ids, prefix_order, to_device
 from tasks import storage
 from tasks.cluster import dask_client, require_distributed
@@ -189,6 +191,10 @@ def embed_dataset(
     encoder = build_encoder(config, device)
     final = embeddings_dir(data_root) / dataset.version / encoder.identity_id
     if not (final / MANIFEST_NAME).is_file():
+        if final.exists():  # publication renames a directory holding its manifest: this one is not a set
+            raise EmbedError(
+                f"{final} exists but holds no {MANIFEST_NAME}: not a published embedding set; delete it and run again"
+            )
         _build_and_publish(dataset, config, encoder, final, progress, dask_address)
     manifest = read_manifest(final)
     _check_published(manifest, dataset, encoder, final)
@@ -207,8 +213,9 @@ def load_embeddings(
     """One split's embeddings, token states padded back to `max_length` with a mask.
 
     `per_caption=True` keeps one row per distinct caption plus `caption_rows` instead of one
-    row per dataset row (a caption used k times is stored once). `tokens_file` puts the padded
-    token states, the bulk of the bytes, in a memory-mapped file there instead of in RAM.
+    row per dataset row (a caption used k times is stored once). `tokens_file`, with
+    `per_caption=True` only, puts the padded token states, the bulk of the bytes, in a
+    memory-mapped file there instead of in RAM (per dataset row they are gathered into RAM).
 
     `max_length` None pads to the longest caption of the whole set (every split and the
     empty caption; `embedding_set.num_tokens`), so train, val and uncond tensors share L
@@ -221,6 +228,11 @@ def load_embeddings(
     manifest = read_manifest(root)
     if split not in SPLITS:
         raise EmbedError(f"split must be one of {SPLITS}, got {split!r}")
+    if tokens_file is not None and not per_caption:
+        raise EmbedError(
+            "tokens_file keeps token states out of RAM only with per_caption=True (one row per dataset row "
+            "gathers them into RAM); pass per_caption=True, or no tokens_file"
+        )
     width, pooled_dim = int(manifest["encoder"]["width"]), int(manifest["pooled_dim"])
     context_length = int(manifest["encoder"]["context_length"])
 
@@ -346,7 +358,12 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
         raise EmbedError(f"{Path(root)} is not a published embedding set (no {MANIFEST_NAME}); run the embed stage")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise EmbedError(
+            f"{path} is not valid JSON ({exc}); delete the set {Path(root)} and run the embed stage again"
+        ) from exc
     if manifest.get("format") != EMBED_FORMAT:
         raise EmbedError(
             f"{Path(root)} holds embedding format {manifest.get('format')}, this code reads format {EMBED_FORMAT}; "
@@ -385,6 +402,8 @@ def write_caption_shard(
 ) -> int:
     """Encode distinct `captions` in batches and write one durable shard -> the longest token
     count. `text`, their token ids (e.g. from a `TokenizerPool`), saves tokenizing them here.
+    `path`'s directory must exist: a shard never makes one, so a Dask worker still encoding after
+    its run failed cannot bring back the partial set the run deleted.
     See `_queue_caption_shard`; `write_caption_shards` runs many shards back to back."""
     with _BatchWriter() as threads:
         longest, _ = _queue_caption_shard(encoder, captions, path, batch_size, threads, on_batch, text)
@@ -410,7 +429,6 @@ class _BatchWriter:
         self._open: dict[pq.ParquetWriter, _Writeback] = {}  # files not yet seen closed
 
     def open(self, path: Path, schema: pa.Schema) -> pq.ParquetWriter:
-        path.parent.mkdir(parents=True, exist_ok=True)
         writer = pq.ParquetWriter(
             path,
             schema,
@@ -646,15 +664,20 @@ def _caption_record_batch(
         )
     n = len(captions)
     flat = np.ascontiguousarray(host.tokens.numpy(), dtype=TOKENS_DTYPE)  # (K, D)
-    offsets = np.zeros(n + 1, dtype=np.int32)
+    offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths * flat.shape[1] * TOKENS_DTYPE.itemsize, out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:  # a binary column's offsets are int32 (what load_embeddings reads)
+        raise EmbedError(
+            f"a batch of {n} captions holds {offsets[-1]} bytes of token states, more than one Arrow binary column "
+            "addresses (2**31 - 1 bytes); lower embed.batch_size"
+        )
     pooled = np.ascontiguousarray(host.pooled.numpy(), dtype=EMBED_DTYPE)  # (B, E)
     return pa.record_batch(
         [
             pa.array([caption_id(c) for c in captions], pa.string()),
             pa.array(captions, pa.string()),
             pa.array(lengths.astype(np.int16)),
-            pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(flat)]),
+            pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(flat)]),
             pa.FixedSizeBinaryArray.from_buffers(schema.field("pooled").type, n, [None, pa.py_buffer(pooled)]),
         ],
         schema=schema,
@@ -692,7 +715,9 @@ def _build_and_publish(
         counts: dict[str, int] = {}
         for split in SPLITS:
             files[split], counts[split] = _write_row_shards(dataset, split, tmp)
-        files["captions"], counts["captions"], longest = _write_caption_shards(dataset, config, encoder, tmp, progress, dask_address)
+        files["captions"], counts["captions"], longest, compute = _write_caption_shards(
+            dataset, config, encoder, tmp, progress, dask_address
+        )
         files["val_images"], counts["val_images"] = [], 0
         if config.encode_val_images:
             files["val_images"], counts["val_images"] = _write_image_shards(dataset, config, encoder, tmp, progress)
@@ -702,7 +727,7 @@ def _build_and_publish(
             "encoder": encoder.identity,
             "encoder_id": encoder.identity_id,
             "encoder_config": encoder.config.to_dict(),
-            "weights_file": _weights_stat(encoder),
+            "weights_file": _weights_stat(encoder.config),
             "pooled_dim": encoder.pooled_dim,
             "max_num_tokens": longest,
             "uncond_caption_id": caption_id(UNCOND_CAPTION),
@@ -715,13 +740,7 @@ def _build_and_publish(
                 "image_embed": "little-endian float32 bytes (pooled_dim,)",
             },
             "bytes": _data_bytes(tmp),
-            "compute": {
-                "device": str(encoder.device),
-                "autocast": "bfloat16" if encoder.device.type == "cuda" else None,
-                "batch_size": config.batch_size,
-                "cuda_graphs": encoder.cuda_graphs and encoder.device.type == "cuda",  # padded shapes: other bf16 rounding
-                "cuda_graphs_error": encoder.graphs_error,  # why they were turned off mid-run, if they were
-            },
+            "compute": {**compute, "batch_size": config.batch_size},
             "software": {
                 "python": platform.python_version(),
                 "torch": torch.__version__,
@@ -732,7 +751,7 @@ def _build_and_publish(
         }
         for sub in (p for p in tmp.iterdir() if p.is_dir()):
             fsync_dir(sub)  # the data files' names, before the manifest that lists them
-        _write_json_durable(tmp / MANIFEST_NAME, manifest)
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)  # fsyncs tmp too: its entries are durable before the rename
         try:
             os.rename(tmp, final)
         except OSError:
@@ -772,15 +791,16 @@ def _write_row_shards(dataset: DatasetVersion, split: str, out: Path) -> tuple[l
 def _write_caption_shards(
     dataset: DatasetVersion, config: EmbedConfig, encoder: TextEncoder, out: Path, progress: bool,
     dask_address: str | None = None,
-) -> tuple[list[str], int, int]:
-    """Every distinct caption of train + val, and "", encoded once -> (files, count, longest)."""
+) -> tuple[list[str], int, int, dict[str, Any]]:
+    """Every distinct caption of train + val, and "", encoded once -> (files, count, longest,
+    what encoded them: the manifest's `compute`)."""
     sources = [str(p) for s in SPLITS for p in _split_files(dataset, s)]
     spill = out / "_duckdb_spill"
-    con = duckdb.connect()
+    # Settings as values, not SQL text: a data root may hold any character, a quote included.
+    con = duckdb.connect(
+        config={"memory_limit": config.duckdb_memory_limit, "temp_directory": str(spill), "preserve_insertion_order": False}
+    )
     try:
-        con.execute(f"SET memory_limit = '{config.duckdb_memory_limit}'")
-        con.execute(f"SET temp_directory = '{spill}'")
-        con.execute("SET preserve_insertion_order = false")
         # DISTINCT and ORDER BY spill to disk, so the set of captions need not fit in memory;
         # the order makes shard contents reproducible.
         con.execute(
@@ -793,13 +813,36 @@ def _write_caption_shards(
         shards = (c.column(0).to_pylist() for c in reader)
         with tqdm(total=n, unit="caption", desc=f"embed {dataset.name}", disable=not progress) as bar:
             if dask_address:
-                names, longest = _encode_shards_on_dask(dask_address, shards, encoder, config, out, bar.update)
+                names, longest, compute = _encode_shards_on_dask(dask_address, shards, encoder, config, out, bar.update)
             else:
                 names, longest = _encode_shards_here(shards, n, encoder, config, out, bar.update)
+                compute = _compute_record(encoder)
     finally:
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
-    return names, n, longest
+    return names, n, longest, compute
+
+
+def _compute_record(encoder: TextEncoder) -> dict[str, Any]:
+    """What `encoder` has encoded with: its device, the autocast dtype (see `_autocast`), whether CUDA
+    graphs are on (padded shapes: other bf16 rounding) and why they were turned off mid-run, if they were."""
+    return {
+        "device": str(encoder.device),
+        "autocast": "bfloat16" if encoder.device.type == "cuda" else None,
+        "cuda_graphs": encoder.cuda_graphs and encoder.device.type == "cuda",
+        "cuda_graphs_error": encoder.graphs_error,
+    }
+
+
+def _workers_compute_record(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Dask workers' `_compute_record` of each shard, in shard order, as one: their distinct
+    devices and autocast dtypes, whether every shard ran CUDA graphs, the first reason one turned them off."""
+    return {
+        "device": sorted({shard["device"] for shard in shards}),
+        "autocast": sorted({shard["autocast"] for shard in shards}, key=str),
+        "cuda_graphs": all(shard["cuda_graphs"] for shard in shards),
+        "cuda_graphs_error": next((shard["cuda_graphs_error"] for shard in shards if shard["cuda_graphs_error"]), None),
+    }
 
 
 def _shard_name(k: int) -> str:
@@ -831,6 +874,7 @@ def write_caption_shards(
     so the fsync the run ends with waits for little (on an H100: 0.02 s, 0.19 s before).
     """
     names, longest = [], 0
+    (out / "captions").mkdir(parents=True, exist_ok=True)
     syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-fsync")
     syncing: deque[Future] = deque()
     try:
@@ -861,12 +905,14 @@ def _fsync_when_closed(closed: Future, path: Path) -> None:
 def _encode_shards_on_dask(
     address: str, shards: Iterable[list[str]], encoder: TextEncoder, config: EmbedConfig, out: Path,
     on_batch: Callable[[int], object],
-) -> tuple[list[str], int]:
-    """Each shard encoded by a Dask worker into `out` (shared storage); results in shard order.
-    The encoder goes to every worker once (scattered), not with each shard."""
+) -> tuple[list[str], int, dict[str, Any]]:
+    """Each shard encoded by a Dask worker into `out` (shared storage); results in shard order,
+    with what the workers encoded with (`_workers_compute_record`). The encoder goes to every
+    worker once (scattered), not with each shard. After a failure no shard is left running."""
     require_distributed(address, "embed", EmbedError)
     cpu_copy = copy.deepcopy(encoder).to("cpu")  # workers pick their own device
-    names, longest = [], 0
+    (out / "captions").mkdir(exist_ok=True)  # here, never on a worker (see `write_caption_shard`)
+    names, longest, used = [], 0, []
     with dask_client(address) as client:
         [remote_encoder] = client.scatter([cpu_copy], broadcast=True, hash=False)
         in_flight: deque[tuple[Any, int]] = deque()  # (distributed.Future, captions)
@@ -875,32 +921,68 @@ def _encode_shards_on_dask(
         def collect() -> None:
             nonlocal longest
             future, count = in_flight.popleft()
-            longest = max(longest, int(future.result()))
+            shard_longest, compute = future.result()
+            longest = max(longest, shard_longest)
+            used.append(compute)
             on_batch(count)
 
-        for k, captions in enumerate(shards):
-            names.append(_shard_name(k))
-            future = client.submit(
-                encode_shard_on_worker, remote_encoder, captions, str(out / names[-1]), config.batch_size, pure=False
-            )
-            in_flight.append((future, len(captions)))
-            while len(in_flight) >= limit:
+        try:
+            for k, captions in enumerate(shards):
+                names.append(_shard_name(k))
+                future = client.submit(
+                    encode_shard_on_worker, remote_encoder, captions, str(out / names[-1]), config.batch_size, pure=False
+                )
+                in_flight.append((future, len(captions)))
+                while len(in_flight) >= limit:
+                    collect()
+            while in_flight:
                 collect()
-        while in_flight:
-            collect()
-    return names, longest
+        except BaseException:
+            _cancel_shards(client, [future for future, _ in in_flight])
+            raise
+    return names, longest, _workers_compute_record(used)
+
+
+# How long a failed run waits for shards still running on workers before it goes on: they
+# cannot recreate the partial set once it is gone (`write_caption_shard` makes no folders).
+_RELEASE_WAIT_S = 120.0
+
+
+def _cancel_shards(client: Any, futures: list[Any]) -> None:
+    """Drop the shards no worker has started and wait (a while) for the ones running: Dask cannot
+    stop a running task, and these write into the partial set that the caller deletes next.
+    Called while an error propagates, so a failure here is logged, never raised over it."""
+    try:
+        client.cancel(futures)
+        client.run(_until_released, {future.key for future in futures}, _RELEASE_WAIT_S)
+    except Exception:
+        log.warning("embed: could not stop the shards still on the Dask workers", exc_info=True)
+
+
+async def _until_released(keys: set[Any], wait_s: float, dask_worker: Any) -> None:
+    """Runs on each Dask worker's event loop: returns once the worker holds no task of `keys`
+    (a cancelled task it is running stays until it returns), or after `wait_s`. It reads the
+    worker's task table (`state.tasks`), which distributed does not document as public."""
+    deadline = time.monotonic() + wait_s
+    while not keys.isdisjoint(dask_worker.state.tasks) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
 
 
 _worker_lock = threading.Lock()
 
 
-def encode_shard_on_worker(encoder: TextEncoder, captions: list[str], path: str, batch_size: int) -> int:
-    """Runs on a Dask worker: the scattered encoder moves to this worker's GPU (once), then one shard."""
+def encode_shard_on_worker(
+    encoder: TextEncoder, captions: list[str], path: str, batch_size: int
+) -> tuple[int, dict[str, Any]]:
+    """Runs on a Dask worker: the scattered encoder moves to this worker's GPU (once), then one
+    shard -> (its longest token count, what encoded it: `_compute_record`). `path`'s directory
+    must exist (see `write_caption_shard`)."""
     with _worker_lock:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if encoder.device != device:
             encoder.to(device)
-    return write_caption_shard(encoder, captions, Path(path), batch_size)
+    longest = write_caption_shard(encoder, captions, Path(path), batch_size)
+    return longest, _compute_record(encoder)
 
 
 def tokenized_ahead(
@@ -963,6 +1045,7 @@ def _add_val_images(
     try:
         files, count = _write_image_shards(dataset, config, encoder, tmp, progress)
         if files:
+            fsync_dir(tmp / "val_images")  # the data files' names, before the manifest that lists them
             os.rename(tmp / "val_images", final / "val_images")
         manifest = {
             **manifest,
@@ -971,7 +1054,7 @@ def _add_val_images(
             "counts": {**manifest["counts"], "val_images": count},
         }
         manifest["bytes"] = _data_bytes(final)
-        _write_json_durable(final / MANIFEST_NAME, manifest)
+        write_json_atomic(final / MANIFEST_NAME, manifest)  # a kill leaves the old manifest or the new one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
@@ -1050,25 +1133,22 @@ def _load_image_embeds(root: Path, manifest: dict[str, Any], ids: list[str], dim
 # Files, publication, temporaries
 
 
-def _weights_stat(encoder: TextEncoder) -> dict[str, Any] | None:
-    """Path, size and mtime of a local weights file: lets the Prefect cache key find this set cheaply."""
-    weights = encoder.config.weights
-    if weights is None or not str(encoder.identity["weights"]).startswith("sha256:"):
+def _weights_stat(config: TextEncoderConfig) -> dict[str, Any] | None:
+    """Resolved path, size and mtime of a local weights file; None for no weights, a cached tag (told
+    apart as `TextEncoder` does) or a missing file. What stands for the weights' sha256 where hashing
+    them would cost too much: in the Prefect cache key and, for `find_published`, in the manifest."""
+    weights = config.weights
+    if weights is None or open_clip.get_pretrained_cfg(config.model_name, weights):
         return None
-    path = Path(weights).expanduser().absolute()
+    path = Path(weights).expanduser().resolve()
+    if not path.is_file():
+        return None
     st = path.stat()
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _data_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*.parquet"))
-
-
-def _write_json_durable(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fsync_file(path: Path) -> None:
@@ -1119,7 +1199,9 @@ def find_published(dataset_version: str, encoder_config: TextEncoderConfig, data
 
 
 def _embed_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
-    """Key on what the set is made of: the dataset version and the encoder identity.
+    """Key on what the set is made of: the dataset version and the encoder identity (a local
+    weights file by its resolved path, size and mtime: new weights at the same path, or the same
+    relative path from another directory, are another key).
 
     The first run stores its descriptor under this key, so a later run with unchanged inputs
     is a cache hit. A set deleted from disk after that is not rebuilt from the cache's point of
@@ -1127,12 +1209,11 @@ def _embed_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
     """
     dataset = DatasetVersion.model_validate(parameters["dataset"])
     config = EmbedConfig.model_validate(parameters["config"])
-    identity = json.dumps(
-        {"dataset": dataset.version, "encoder": config.encoder, "val_images": config.encode_val_images,
-         "data_root": str(parameters.get("data_root") or embeddings_dir())},
-        sort_keys=True,
-    )
-    return "embed-" + hashlib.sha256(identity.encode()).hexdigest()[:32]
+    identity = {"dataset": dataset.version, "encoder": config.encoder, "val_images": config.encode_val_images,
+                "data_root": str(parameters.get("data_root") or embeddings_dir())}
+    if (weights_file := _weights_stat(config.text_encoder_config())) is not None:
+        identity["weights_file"] = weights_file  # only then: keys of other encoders stay as they were
+    return "embed-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -636,6 +637,17 @@ def test_queuing_a_files_close_never_waits_for_its_batches(tmp_path):
     assert closed.done() and pq.read_table(tmp_path / "part.parquet").num_rows == 0
 
 
+def test_a_batch_of_token_states_past_int32_offsets_is_refused_naming_batch_size():
+    # Binary offsets are int32: 300 captions of 77 tokens at width 65,536 are ~3 GB, past 2**31 - 1.
+    # The lengths alone decide it, so the token states need not be that big here.
+    from tasks.embed import _caption_record_batch, _HostBatch, caption_schema
+
+    width, n = 65536, 300
+    host = _HostBatch(torch.zeros(1, width, dtype=torch.float16), torch.zeros(n, 4), torch.tensor(True), None)
+    with pytest.raises(EmbedError, match=r"2\*\*31.*embed.batch_size"):
+        _caption_record_batch([f"c{i}" for i in range(n)], np.full(n, 77), host, caption_schema(width, 4))
+
+
 def test_caption_longer_than_the_context_is_truncated_as_open_clip_does(tmp_path, config, tiny_clip):
     long = " ".join(f"shape{i} colour{i}" for i in range(100))
     dataset = write_dataset(tmp_path / "long", {"train": [long, "short"], "val": []})
@@ -778,6 +790,72 @@ def test_val_image_embeddings_can_be_added_to_a_published_set(toy, config):
     assert snapshot(Path(es.path)) == before
 
 
+def test_a_run_killed_while_adding_val_images_leaves_the_manifest_whole(toy, config, monkeypatch):
+    es = embed_dataset(toy, config, progress=False)
+    manifest = read_manifest(es.path)
+    dumps = json.dumps
+
+    def killed_writing_the_manifest(obj, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("val_images") is True:
+            raise KeyboardInterrupt  # SIGINT while the new manifest is being written
+        return dumps(obj, *args, **kwargs)
+
+    with_images = config.model_copy(update={"encode_val_images": True})
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(json, "dumps", killed_writing_the_manifest)
+        embed_dataset(toy, with_images, progress=False)
+    assert read_manifest(es.path) == manifest  # the old manifest, whole
+    assert len(load_embeddings(es, "train")) == len(TRAIN)
+    assert embed_dataset(toy, with_images, progress=False).counts["val_images"] == 2
+    assert sorted(p.name for p in Path(es.path).iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+def test_an_unreadable_manifest_says_to_delete_the_set(toy, config):
+    es = embed_dataset(toy, config, progress=False)
+    manifest_path = Path(es.path) / "manifest.json"
+    manifest_path.write_text("")
+    with pytest.raises(EmbedError, match=rf"{re.escape(str(manifest_path))}.*delete"):
+        load_embeddings(es, "train")
+    with pytest.raises(EmbedError, match=rf"{re.escape(str(manifest_path))}.*delete"):
+        embed_dataset(toy, config, progress=False)
+
+
+def test_a_set_directory_without_a_manifest_is_refused_before_encoding(toy, config, encoded):
+    es = embed_dataset(toy, config, progress=False)
+    (Path(es.path) / "manifest.json").unlink()
+    encoded.clear()
+    with pytest.raises(EmbedError, match=rf"{re.escape(es.path)} exists but holds no manifest.json.*delete it"):
+        embed_dataset(toy, config, progress=False)
+    assert encoded == []
+
+
+def test_the_set_directory_is_fsynced_before_its_rename(toy, config, monkeypatch):
+    import models.checkpoint
+
+    synced = []
+    monkeypatch.setattr(embed_module, "fsync_dir", synced.append)
+    monkeypatch.setattr(models.checkpoint, "fsync_dir", synced.append)
+    es = embed_dataset(toy, config, progress=False)
+    partial = [p for p in synced if p.name.startswith(".partial-")]
+    assert partial and all(p.parent == Path(es.path).parent for p in partial)  # its entries: the manifest, the folders
+    assert synced[-1] == Path(es.path).parent  # then the rename
+
+
+def test_a_data_root_with_a_quote_in_its_path(toy, config, tmp_path):
+    es = embed_dataset(toy, config, data_root=tmp_path / "o'brien", progress=False)
+    assert len(load_embeddings(es, "train")) == len(TRAIN)
+
+
+def test_tokens_file_needs_per_caption(toy, config, tmp_path):
+    # Per dataset row the token states are gathered into RAM, whatever backs the table.
+    es = embed_dataset(toy, config, progress=False)
+    with pytest.raises(EmbedError, match="tokens_file.*per_caption=True"):
+        load_embeddings(es, "train", tokens_file=tmp_path / "tokens.f16")
+    assert not (tmp_path / "tokens.f16").exists()
+    loaded = load_embeddings(es, "train", per_caption=True, tokens_file=tmp_path / "tokens.f16")
+    assert loaded.tokens.shape[0] == len(set(TRAIN)) + 1  # one row per distinct caption, "" first
+
+
 def test_shapes_dataset_ingested_and_embedded_end_to_end(tmp_path, config):
     from tasks.ingest import IngestConfig, ingest_dataset
     from tasks.shapes import ShapesConfig, generate_shapes
@@ -850,3 +928,25 @@ def test_task_wrapper_retries_and_cache_key(toy, config, tmp_path):
     assert key != key_fn(None, {**params, "config": config.model_copy(update={"encoder": {**config.encoder, "layer": "last"}})})
     assert key != key_fn(None, {**params, "config": config.model_copy(update={"encode_val_images": True})})
     assert key != key_fn(None, {**params, "data_root": str(tmp_path / "other")})
+
+
+def test_cache_key_follows_the_weights_file_behind_the_path(toy, tmp_path, tiny_clip, monkeypatch):
+    key_fn = embed_task.cache_policy.cache_key_fn
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    clip = TextEncoder(TextEncoderConfig(tiny_clip, allow_random_init=True)).clip
+    weights = save_weights(clip.state_dict(), here / "w.safetensors")
+    params = {"dataset": toy, "config": EmbedConfig(encoder={"model_name": tiny_clip, "weights": "w.safetensors"})}
+
+    monkeypatch.chdir(here)
+    key = key_fn(None, params)
+    assert key == key_fn(None, params)
+    os.utime(weights, ns=(0, 0))  # new weights written to the same path
+    rewritten = key_fn(None, params)
+    assert rewritten != key
+
+    (there / "w.safetensors").write_bytes(weights.read_bytes())  # the same relative path from another cwd
+    os.utime(there / "w.safetensors", ns=(0, 0))
+    monkeypatch.chdir(there)
+    assert key_fn(None, params) not in (key, rewritten)
