@@ -127,12 +127,13 @@ def embed(
 ) -> None:
     """Precompute caption embeddings for a dataset version (idempotent)."""
     from tasks.embed import embed_from_path
+    from tasks.presets import yaml_string
 
     overrides = list(set_ or [])
     if weights is not None:
-        overrides.append(f"embed.encoder.weights={json.dumps(weights)}")  # a JSON string is YAML, quotes escaped
+        overrides.append(f"embed.encoder.weights={yaml_string(weights)}")
     if model_name is not None:
-        overrides.append(f"embed.encoder.model_name={json.dumps(model_name)}")
+        overrides.append(f"embed.encoder.model_name={yaml_string(model_name)}")
     if allow_random_init is not None:
         overrides.append(f"embed.encoder.allow_random_init={str(allow_random_init).lower()}")
     result = embed_from_path(dataset_dir, _preset(preset, overrides).embed, dask_address=dask_address)

@@ -17,7 +17,6 @@ Prefect artifacts (flows/artifacts.py).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from tasks.contracts import DatasetVersion, EmbeddingSet, EvalReport, Registered
 from tasks.embed import embed_task
 from tasks.evaluate import evaluate_task
 from tasks.ingest import ingest_task
-from tasks.presets import Preset, load_preset
+from tasks.presets import Preset, load_preset, yaml_string
 from tasks.register import register_task
 from tasks.shapes import MIN_SHAPES_RESOLUTION, shapes_task
 from tasks.train import train_task
@@ -102,7 +101,7 @@ class PipelineParams(BaseModel):
 
 
 def _yaml_scalar(value: object) -> str:
-    return json.dumps(value) if isinstance(value, str) else str(value)  # a JSON string is a YAML one, quotes escaped
+    return yaml_string(value) if isinstance(value, str) else str(value)
 
 
 # ---- how the flow runs a stage ------------------------------------------------------------------

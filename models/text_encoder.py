@@ -864,12 +864,22 @@ def _projected_dim(projection: torch.nn.Module | torch.Tensor | None, width: int
 # --- weights: local files and cached tags ----------------------------------------------------
 
 
+def local_weights_file(model_name: str, weights: str | None) -> Path | None:
+    """The local file that `weights` names for `model_name`; None for no weights, a pretrained tag
+    (a tag wins over a file of the same name) or a path with no file."""
+    if weights is None or open_clip.get_pretrained_cfg(model_name, weights):
+        return None
+    path = Path(weights).expanduser()
+    return path if path.is_file() else None
+
+
 def _resolve_weights(model_name: str, weights: str, model_cfg: dict[str, Any]) -> tuple[Path, str, dict[str, Any]]:
     """-> (file, identity string, preprocess overrides) for a local path or a cached pretrained tag."""
-    tag_cfg = open_clip.get_pretrained_cfg(model_name, weights)
-    path = Path(weights).expanduser()
-    if path.is_file() and not tag_cfg:
+    path = local_weights_file(model_name, weights)
+    if path is not None:
         return path, f"sha256:{_sha256_prefix(path)}", {}
+    path = Path(weights).expanduser()
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, weights)
     if not tag_cfg:
         looks_like_path = os.sep in weights or weights.endswith((".safetensors", *_TORCH_SUFFIXES))
         if looks_like_path:

@@ -69,7 +69,16 @@ from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from models.checkpoint import fsync_dir, temp_dir, write_json_atomic
-from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizerPool, host_ids, prefix_order, to_device
+from models.text_encoder import (
+    TextEncoder,
+    TextEncoderConfig,
+    TextEncoding,
+    TokenizerPool,
+    host_ids,
+    local_weights_file,
+    prefix_order,
+    to_device,
+)
 from tasks import storage
 from tasks.cluster import dask_client, require_distributed
 from tasks.contracts import DatasetVersion, EmbeddingSet
@@ -908,7 +917,9 @@ def _encode_shards_on_dask(
 ) -> tuple[list[str], int, dict[str, Any]]:
     """Each shard encoded by a Dask worker into `out` (shared storage); results in shard order,
     with what the workers encoded with (`_workers_compute_record`). The encoder goes to every
-    worker once (scattered), not with each shard. After a failure no shard is left running."""
+    worker once (scattered), not with each shard. After a failure the shards not started are
+    cancelled and the running ones waited for (up to `_RELEASE_WAIT_S`); one still running after
+    that fails on its own, as it cannot recreate the partial set the caller deletes."""
     require_distributed(address, "embed", EmbedError)
     cpu_copy = copy.deepcopy(encoder).to("cpu")  # workers pick their own device
     (out / "captions").mkdir(exist_ok=True)  # here, never on a worker (see `write_caption_shard`)
@@ -1134,15 +1145,13 @@ def _load_image_embeds(root: Path, manifest: dict[str, Any], ids: list[str], dim
 
 
 def _weights_stat(config: TextEncoderConfig) -> dict[str, Any] | None:
-    """Resolved path, size and mtime of a local weights file; None for no weights, a cached tag (told
-    apart as `TextEncoder` does) or a missing file. What stands for the weights' sha256 where hashing
+    """Resolved path, size and mtime of a local weights file (`local_weights_file`: None for no
+    weights, a cached tag or a missing file). What stands for the weights' sha256 where hashing
     them would cost too much: in the Prefect cache key and, for `find_published`, in the manifest."""
-    weights = config.weights
-    if weights is None or open_clip.get_pretrained_cfg(config.model_name, weights):
+    path = local_weights_file(config.model_name, config.weights)
+    if path is None:
         return None
-    path = Path(weights).expanduser().resolve()
-    if not path.is_file():
-        return None
+    path = path.resolve()
     st = path.stat()
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 

@@ -23,6 +23,7 @@ import logging
 import re
 import socket
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -226,8 +227,12 @@ def _lift_pillow_pixel_limit(max_image_pixels: int) -> None:
     process and decoding threads share it, so it is only ever raised, never put back: our
     own check from the header (`process_image`) is the one that applies, Pillow's a second
     guard behind it."""
-    if Image.MAX_IMAGE_PIXELS is not None and max_image_pixels > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = max_image_pixels
+    with _pillow_limit_lock:  # two threads raising it to different values: the larger stays
+        if Image.MAX_IMAGE_PIXELS is not None and max_image_pixels > Image.MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = max_image_pixels
+
+
+_pillow_limit_lock = threading.Lock()
 
 
 def _decode_error_reason(exc: BaseException) -> str:

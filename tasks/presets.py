@@ -12,6 +12,7 @@ applied on top.
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,12 @@ def load_preset(name_or_path: str | Path | None = None, overrides: list[str] | N
     for item in overrides or []:
         raw = apply_override(raw, item)
     return Preset.model_validate(raw)
+
+
+def yaml_string(value: str) -> str:
+    """`value` as a YAML scalar that `apply_override` reads back as the same string: a JSON
+    string (JSON is YAML), quotes and backslashes escaped, other characters as they are."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> dict[str, Any]:

@@ -257,7 +257,7 @@ def heldout_pairs(config: ShapesConfig) -> list[tuple[str, str]]:
     pairs = [(c, s) for c in config.colours for s in config.shapes]
     if config.heldout_fraction == 0:
         return []
-    n = max(1, round(config.heldout_fraction * len(pairs)))
+    n = _heldout_wanted(config)
     order = random.Random(f"heldout-{config.seed}").sample(pairs, len(pairs))
     held: list[tuple[str, str]] = []
     for distinct in (True, False):
@@ -269,10 +269,12 @@ def heldout_pairs(config: ShapesConfig) -> list[tuple[str, str]]:
             kept = [p for p in pairs if p not in held and p != pair]
             if {c for c, _ in kept} == set(config.colours) and {s for _, s in kept} == set(config.shapes):
                 held.append(pair)
-    if len(held) < n:
-        log.warning("shapes: %d (colour, shape) pairs held out, not the %d heldout_fraction=%s asks for: holding out "
-                    "more would leave a colour or shape out of training entirely", len(held), n, config.heldout_fraction)
     return sorted(held)
+
+
+def _heldout_wanted(config: ShapesConfig) -> int:
+    """How many (colour, shape) pairs `heldout_fraction` asks to hold out."""
+    return 0 if config.heldout_fraction == 0 else max(1, round(config.heldout_fraction * len(config.colours) * len(config.shapes)))
 
 
 def generate_shapes(out_dir: str | Path, config: ShapesConfig | None = None) -> Path:
@@ -287,6 +289,10 @@ def generate_shapes(out_dir: str | Path, config: ShapesConfig | None = None) -> 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} is not empty and is not a shapes set; choose an empty or new folder")
 
+    held, wanted = len(heldout_pairs(config)), _heldout_wanted(config)
+    if held < wanted:
+        log.warning("shapes: %d (colour, shape) pairs held out, not the %d heldout_fraction=%s asks for: holding out "
+                    "more would leave a colour or shape out of training entirely", held, wanted, config.heldout_fraction)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out_dir.parent, f".tmp-{out_dir.name}-")
     try:

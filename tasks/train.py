@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 RUN_FILE = "run.json"  # run key, config, MLflow run id: written when a run starts
-RESULT_FILE = "result.json"  # the TrainResult: written last, its presence marks a finished run
+RESULT_FILE = "result.json"  # {run_key, result: the TrainResult, grid}: written last, its presence marks a finished run
 DATA_CACHE_DIR = "data-cache"  # memory-mapped training data of `data_storage: disk`, removed at the end
 METRICS_FILE = "metrics.jsonl"  # one line per log step, also without MLflow
 MODEL_DIR = "model"  # the saved TextToImage with EMA weights, what later stages load

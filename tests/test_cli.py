@@ -66,7 +66,7 @@ def test_ingest_resolution_zero_is_rejected_not_replaced(monkeypatch):
 
 def test_weights_paths_with_quotes_reach_the_config_as_given(embed_configs):
     runner = CliRunner()
-    for path in ("/models/bob's.safetensors", "/m/a''b.pt", '/m/"x".pt'):
+    for path in ("/models/bob's.safetensors", "/m/a''b.pt", '/m/"x".pt', "/m/😀.pt"):
         result = runner.invoke(app, ["embed", "d", "--weights", path])
         assert result.exit_code == 0, result.output
         assert embed_configs[-1].encoder["weights"] == path

@@ -793,16 +793,19 @@ def test_val_image_embeddings_can_be_added_to_a_published_set(toy, config):
 def test_a_run_killed_while_adding_val_images_leaves_the_manifest_whole(toy, config, monkeypatch):
     es = embed_dataset(toy, config, progress=False)
     manifest = read_manifest(es.path)
-    dumps = json.dumps
+    import models.checkpoint
 
-    def killed_writing_the_manifest(obj, *args, **kwargs):
-        if isinstance(obj, dict) and obj.get("val_images") is True:
-            raise KeyboardInterrupt  # SIGINT while the new manifest is being written
-        return dumps(obj, *args, **kwargs)
+    write, manifest_path = models.checkpoint.Path.write_text, Path(es.path) / "manifest.json"
+
+    def killed_halfway(self, text, *args, **kwargs):  # the new manifest's first half on disk, then SIGINT
+        if self.parent == manifest_path.parent and '"val_images": true' in text:
+            write(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return write(self, text, *args, **kwargs)
 
     with_images = config.model_copy(update={"encode_val_images": True})
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
-        m.setattr(json, "dumps", killed_writing_the_manifest)
+        m.setattr(models.checkpoint.Path, "write_text", killed_halfway)
         embed_dataset(toy, with_images, progress=False)
     assert read_manifest(es.path) == manifest  # the old manifest, whole
     assert len(load_embeddings(es, "train")) == len(TRAIN)

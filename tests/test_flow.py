@@ -194,7 +194,7 @@ def test_the_resolution_field_sets_every_stage_that_has_one():
 def test_the_encoder_weights_field_keeps_quotes_in_paths():
     from flows.pipeline import PipelineParams
 
-    for path in ("/models/bob's.safetensors", "/m/a''b.pt", 'C:\\w "x".pt'):
+    for path in ("/models/bob's.safetensors", "/m/a''b.pt", 'C:\\w "x".pt', "/models/😀/é.pt"):
         assert PipelineParams(preset="cpu-demo", encoder_weights=path).to_preset().embed.encoder["weights"] == path
 
 

@@ -39,9 +39,13 @@ def test_csv_row_with_more_fields_than_the_header_is_a_counted_reject(tmp_path: 
 
 
 def test_csv_caption_over_the_csv_module_default_limit_is_caption_too_long(tmp_path: Path):
-    long_caption = "x" * 200_000  # csv's default field limit is 131,072
+    long_caption = "x" * 200_000
     root = csv_folder(tmp_path / "src", f"0.png,a red circle,x\n1.png,{long_caption},y\n")
-    dv = ingest_dataset(root, "long", CONFIG, progress=False)
+    previous = csv.field_size_limit(131_072)  # csv's default, as a fresh process has it (an earlier test raised it)
+    try:
+        dv = ingest_dataset(root, "long", CONFIG, progress=False)
+    finally:
+        csv.field_size_limit(max(previous, csv.field_size_limit()))
     assert dv.counts == {"train": 1, "val": 0, "rejects": 1}
     assert reject_reasons(dv) == {"1.png": "caption_too_long"}
     assert csv.field_size_limit() == MAX_CAPTION_BYTES  # raised for the process: threads read CSVs at once
