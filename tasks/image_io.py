@@ -227,6 +227,8 @@ def _lift_pillow_pixel_limit(max_image_pixels: int) -> None:
     process and decoding threads share it, so it is only ever raised, never put back: our
     own check from the header (`process_image`) is the one that applies, Pillow's a second
     guard behind it."""
+    if Image.MAX_IMAGE_PIXELS is None or max_image_pixels <= Image.MAX_IMAGE_PIXELS:
+        return  # every image but the first few: no lock taken
     with _pillow_limit_lock:  # two threads raising it to different values: the larger stays
         if Image.MAX_IMAGE_PIXELS is not None and max_image_pixels > Image.MAX_IMAGE_PIXELS:
             Image.MAX_IMAGE_PIXELS = max_image_pixels

@@ -255,8 +255,6 @@ def heldout_pairs(config: ShapesConfig) -> list[tuple[str, str]]:
     those already held out, so a compositional test varies both attributes.
     """
     pairs = [(c, s) for c in config.colours for s in config.shapes]
-    if config.heldout_fraction == 0:
-        return []
     n = _heldout_wanted(config)
     order = random.Random(f"heldout-{config.seed}").sample(pairs, len(pairs))
     held: list[tuple[str, str]] = []
@@ -289,10 +287,6 @@ def generate_shapes(out_dir: str | Path, config: ShapesConfig | None = None) -> 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} is not empty and is not a shapes set; choose an empty or new folder")
 
-    held, wanted = len(heldout_pairs(config)), _heldout_wanted(config)
-    if held < wanted:
-        log.warning("shapes: %d (colour, shape) pairs held out, not the %d heldout_fraction=%s asks for: holding out "
-                    "more would leave a colour or shape out of training entirely", held, wanted, config.heldout_fraction)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out_dir.parent, f".tmp-{out_dir.name}-")
     try:
@@ -326,6 +320,10 @@ def default_shapes_dir(config: ShapesConfig | None = None) -> Path:
 def _write_shapes(root: Path, config: ShapesConfig) -> None:
     rng = random.Random(config.seed)
     held = heldout_pairs(config)
+    if len(held) < _heldout_wanted(config):
+        log.warning("shapes: %d (colour, shape) pairs held out, not the %d heldout_fraction=%s asks for: holding out "
+                    "more would leave a colour or shape out of training entirely",
+                    len(held), _heldout_wanted(config), config.heldout_fraction)
     allowed = [(c, s) for c in config.colours for s in config.shapes if (c, s) not in held]
     pair_positions = _separated_position_pairs(config.positions)
     two_shapes = config.max_shapes == 2 and config.two_shape_fraction > 0

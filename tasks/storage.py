@@ -21,11 +21,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
-from models.checkpoint import fsync_dir
+from models.checkpoint import fsync_dir, temp_dir
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,8 @@ def pull(local: Path, settings: Settings | None = None) -> bool:
     from pyarrow import fs as pafs
 
     fs, base = _filesystem(uri, settings)
-    tmp = local.with_name(f".pull-{local.name}-{os.getpid()}-{uuid.uuid4().hex}")  # threads of a process each their own
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(local.parent, f".pull-{local.name}-{os.getpid()}-")  # threads of a process each their own
     try:
         try:
             if fs.get_file_info(f"{base}/{MARKER}").type != pafs.FileType.File:
@@ -98,7 +98,6 @@ def pull(local: Path, settings: Settings | None = None) -> bool:
                     shutil.copyfileobj(src, dst, 8 << 20)
         except OSError as exc:
             raise StorageError(f"downloading {uri} failed: {exc}") from exc
-        tmp.mkdir(parents=True, exist_ok=True)  # an empty published directory is still one
         try:
             os.replace(tmp, local)
         except OSError:

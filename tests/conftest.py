@@ -48,6 +48,30 @@ def tiny_clip(tmp_path_factory) -> str:
     return TINY_CLIP_NAME
 
 
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """`cpu_graphs()`: every TextEncoder with `cuda_graphs` on then runs its prefix path through a
+    `GraphCache` on the CPU, the GPU's static buffers replayed eagerly (`run_eagerly`);
+    `cpu_graphs(failing=True)`: each capture fails, as one of an op that cannot be captured does."""
+    from models.graphs import GraphCache, run_eagerly
+    from models.text_encoder import TextEncoder
+
+    def failing_capture(fn, device, pool, stream):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    def use(failing: bool = False) -> None:
+        capture = failing_capture if failing else run_eagerly
+
+        def graph_cache(self, device):
+            if self.cuda_graphs and self._graphs is None:
+                self._graphs = GraphCache(device, capture=capture)
+            return self._graphs if self.cuda_graphs else None
+
+        monkeypatch.setattr(TextEncoder, "_graph_cache", graph_cache)
+
+    return use
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """A temporary Prefect API (its own SQLite database) shared by the flow tests of a session."""

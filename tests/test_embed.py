@@ -172,19 +172,8 @@ def test_round_trip_padding_mask_and_one_encode_per_distinct_caption(toy, config
     assert torch.equal(train.tokens[0], train.tokens[2])  # duplicate captions share one stored embedding
 
 
-def test_graphs_that_fail_mid_stage_leave_a_whole_set_and_the_reason_in_the_manifest(toy, config, monkeypatch, caplog):
-    from models.graphs import GraphCache
-    from models.text_encoder import TextEncoder
-
-    def capture(fn, device, pool, stream):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    def failing_graphs(self, device):  # what a GPU's cache does when a capture fails, on the CPU
-        if self.cuda_graphs and self._graphs is None:
-            self._graphs = GraphCache(device, capture=capture)
-        return self._graphs if self.cuda_graphs else None
-
-    monkeypatch.setattr(TextEncoder, "_graph_cache", failing_graphs)
+def test_graphs_that_fail_mid_stage_leave_a_whole_set_and_the_reason_in_the_manifest(toy, config, cpu_graphs, caplog):
+    cpu_graphs(failing=True)  # what a GPU's cache does when a capture fails, on the CPU
     es = embed_dataset(toy, config.model_copy(update={"cuda_graphs": True}), progress=False)
     compute = read_manifest(es.path)["compute"]
     assert compute["cuda_graphs"] is False and "capture failed: operation not permitted" in compute["cuda_graphs_error"]

@@ -112,19 +112,8 @@ def test_a_shard_never_recreates_a_missing_directory(tmp_path, tiny_clip):
     assert not (tmp_path / "removed").exists()
 
 
-def test_the_manifest_records_what_the_workers_encoded_with(threads_cluster, tmp_path, tiny_clip, monkeypatch):
-    from models.graphs import GraphCache
-    from models.text_encoder import TextEncoder
-
-    def capture(fn, device, pool, stream):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    def failing_graphs(self, device):  # what a GPU worker's cache does when a capture fails, on the CPU
-        if self.cuda_graphs and self._graphs is None:
-            self._graphs = GraphCache(device, capture=capture)
-        return self._graphs if self.cuda_graphs else None
-
-    monkeypatch.setattr(TextEncoder, "_graph_cache", failing_graphs)
+def test_the_manifest_records_what_the_workers_encoded_with(threads_cluster, tmp_path, tiny_clip, cpu_graphs):
+    cpu_graphs(failing=True)  # what a GPU worker's cache does when a capture fails, on the CPU
     dataset = write_dataset(tmp_path / "dataset", {"train": TRAIN, "val": VAL})
     config = EmbedConfig(encoder={"model_name": tiny_clip, "allow_random_init": True}, batch_size=2, cuda_graphs=True)
     es = embed_dataset(dataset, config, data_root=tmp_path / "data", progress=False, dask_address=threads_cluster.scheduler_address)

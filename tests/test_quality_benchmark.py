@@ -67,32 +67,21 @@ def test_embed_benchmark_runs_on_given_captions(tiny_clip, tmp_path, capsys):
         embed_benchmark([*args, "--batch", "12", "--captions-from", str(tmp_path)])
 
 
-def test_embed_benchmark_times_both_graph_settings(tiny_clip, capsys, monkeypatch):
+def test_embed_benchmark_times_both_graph_settings(tiny_clip, capsys, cpu_graphs):
     from benchmarks.embed import main as embed_benchmark
-    from models.graphs import GraphCache, run_eagerly
-    from models.text_encoder import TextEncoder
 
     args = ["--model", tiny_clip, "--device", "cpu", "--batch", "8", "--naive-captions", "2", "--captions", "40",
             "--tokenize-captions", "10", "--cuda-graphs", "both"]  # fmt: skip
     with pytest.raises(SystemExit, match="need a CUDA device"):
         embed_benchmark(args)
 
-    capture = run_eagerly
-
-    def graphs_on_the_cpu(self, device):  # the GPU's static buffers, with run_eagerly for the capture
-        if self.cuda_graphs and self._graphs is None:
-            self._graphs = GraphCache(device, capture=capture)
-        return self._graphs if self.cuda_graphs else None
-
-    monkeypatch.setattr(TextEncoder, "_graph_cache", graphs_on_the_cpu)
+    cpu_graphs()
     out = embed_benchmark(args)
     assert out["cuda_graphs"] == [False, True] and out["graphs_captions_per_s"] > 0 and out["graphs_vs_eager"] > 0
     assert [len(r) for r in out["rounds_captions_per_s"].values()] == [2, 2]
     assert out["graphs_vs_padded_rel_error"] < 1e-5 and out["graph_captures"] >= 1 and out["graphs_error"] is None
 
-    def capture(fn, device, pool, stream):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
+    cpu_graphs(failing=True)
     out = embed_benchmark(args)  # graphs that fail: the eager figures, and why there are no others
     assert out["cuda_graphs"] == [False] and "graphs_captions_per_s" not in out and out["batched_captions_per_s"] > 0
     assert list(out["rounds_captions_per_s"]) == ["graphs_off"]
