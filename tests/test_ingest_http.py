@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tasks.image_io import Rejected, StageOptions, check_url, fetch_url
+from tasks.image_io import Rejected, check_url, fetch_url
 from tasks.ingest import IngestConfig, detect_source, ingest_dataset
+from test_ingest_images import stage_options
 
 
 def png(seed: int) -> bytes:
@@ -190,20 +191,6 @@ def test_url_list_without_required_columns_is_a_clear_error(tmp_path: Path):
         ingest_dataset(tmp_path / "urls.csv", "bad", CONFIG, progress=False)
 
 
-def stage_options(**overrides) -> StageOptions:
-    base = dict(
-        image=None,
-        caption_keys=(),
-        max_input_bytes=1 << 20,
-        http_timeout_s=0.5,
-        http_retries=1,
-        http_backoff_s=0,
-        http_concurrency=1,
-        row_group_rows=8,
-    )
-    return StageOptions(**{**base, **overrides})
-
-
 @pytest.mark.parametrize(
     "url",
     ["http://[::1/x.png", "http://example.com:port/x.png", "http://example.com:99999/x.png", "http:///x.png", ""],
@@ -221,7 +208,7 @@ def test_well_formed_urls_pass_the_check():
 
 def test_redirect_to_a_malformed_url_is_a_bad_url_not_retried(server: str):
     with pytest.raises(Rejected) as info:
-        fetch_url(f"{server}/redirect-malformed.png", stage_options())
+        fetch_url(f"{server}/redirect-malformed.png", stage_options(http_timeout_s=0.5, http_retries=1))  # a retry allowed, not used
     assert info.value.reason == "bad_url"
     assert Handler.calls["/redirect-malformed.png"] == 1
 
@@ -229,7 +216,7 @@ def test_redirect_to_a_malformed_url_is_a_bad_url_not_retried(server: str):
 @pytest.mark.parametrize("path", ["/garbage.png", "/cut-body.png", "/cut-chunked.png"])
 def test_broken_http_answer_is_a_download_failure_after_retries(server: str, path: str):
     with pytest.raises(Rejected) as info:
-        fetch_url(f"{server}{path}", stage_options(http_retries=1))
+        fetch_url(f"{server}{path}", stage_options(http_timeout_s=0.5, http_retries=1))
     assert info.value.reason == "download_failed"
     assert "2 attempts" in info.value.detail
     assert Handler.calls[path] == 2

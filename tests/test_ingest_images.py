@@ -272,8 +272,8 @@ def test_caption_files_must_be_utf8():
 # --- tar members ----------------------------------------------------------------------------
 
 
-def stage_options() -> StageOptions:
-    return StageOptions(
+def stage_options(**overrides) -> StageOptions:
+    base = dict(
         image=options(),
         caption_keys=("caption", "text"),
         max_input_bytes=1 << 20,
@@ -283,6 +283,7 @@ def stage_options() -> StageOptions:
         http_concurrency=1,
         row_group_rows=8,
     )
+    return StageOptions(**{**base, **overrides})
 
 
 def add_member(tf: tarfile.TarFile, name: str, data: bytes = b"", **attrs) -> None:
