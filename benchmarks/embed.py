@@ -19,8 +19,9 @@ tokenizer's own captions/s in one process (and `tokenize_speedup` over open_clip
 tokenizer, which gives the same ids) and over the pool, and the targets (>= 10x on CPU; >= 25,000 captions/s for
 ViT-B-32 at batch 1024 on an H100). On a GPU the batched path runs twice per round on the same
 captions, without and with `embed.cuda_graphs` (`--cuda-graphs`): `graphs_captions_per_s`
-includes capturing each new batch shape, as a stage run would; `rounds_captions_per_s` shows
-each round alone. Graphs that fail (a capture, or the check of a replay against the eager
+includes capturing each new batch shape, as a stage run would, and is the stage's figure on a
+GPU (graphs are on by default there); `batched_captions_per_s` is the eager tower's, and
+`graphs_vs_eager` their ratio; `rounds_captions_per_s` shows each round alone. Graphs that fail (a capture, or the check of a replay against the eager
 tower) are reported in `graphs_error`, and the run goes on without them.
 
     python benchmarks/embed.py                                                  # CPU, ViT-B-32

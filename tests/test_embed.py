@@ -337,6 +337,23 @@ def test_cuda_shard_holds_the_encoders_states(config, tmp_path, monkeypatch, cud
         torch.testing.assert_close(torch.from_numpy(replayed.copy()), torch.from_numpy(stored.copy()), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_stage_runs_graphs_by_default_and_stores_what_eager_stores(toy, config, tmp_path):
+    # The whole stage on the GPU with the default cuda_graphs, against the same stage with them off.
+    assert EmbedConfig().cuda_graphs
+    on = config.model_copy(update={"device": "cuda", "batch_size": 4})
+    graphed = embed_dataset(toy, on, data_root=tmp_path / "graphs", progress=False)
+    compute = read_manifest(graphed.path)["compute"]
+    assert compute["cuda_graphs"] is True and compute["cuda_graphs_error"] is None
+    eager = embed_dataset(toy, on.model_copy(update={"cuda_graphs": False}), data_root=tmp_path / "eager", progress=False)
+    assert read_manifest(eager.path)["compute"]["cuda_graphs"] is False
+    for split in ("train", "val"):
+        a, b = load_embeddings(graphed, split), load_embeddings(eager, split)
+        assert torch.equal(a.lengths, b.lengths) and torch.equal(a.mask, b.mask)
+        torch.testing.assert_close(a.tokens, b.tokens, rtol=1e-2, atol=1e-2)  # bf16 autocast both ways
+        torch.testing.assert_close(a.pooled, b.pooled, rtol=1e-2, atol=1e-2)
+
+
 def test_shards_are_fsynced_off_the_encoding_thread_before_the_loop_returns(config, tmp_path, monkeypatch):
     import threading
 
