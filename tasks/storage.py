@@ -6,7 +6,8 @@ task boundaries:
 
 - a stage that published a dataset version, an embedding set or a training run `push`es it:
   every file is uploaded, then a `_PUBLISHED` marker last, so a reader never takes a half
-  upload for a whole one;
+  upload for a whole one; dot-named paths are not (the stages publish none: those are
+  temporaries a killed write left before its rename);
 - a stage that needs one `pull`s it first when the local cache lacks it (another machine
   made it): downloaded next to its place, then renamed in, so a killed download leaves
   nothing that looks published.
@@ -55,7 +56,16 @@ def push(local: Path, settings: Settings | None = None) -> str | None:
     if uri is None:
         return None
     fs, base = _filesystem(uri, settings)
-    files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+    files, skipped = [], 0
+    for path in sorted(Path(local).rglob("*")):
+        if any(part.startswith(".") for part in path.relative_to(local).parts):
+            # Dot-named: a temporary that was never renamed into place (atomic_write's
+            # `.name.<hex>.tmp`, a stage's `.tmp-*` build directory) left by a killed write.
+            skipped += path.is_file()
+        elif path.is_file():
+            files.append(path)
+    if skipped:
+        log.warning("not uploading %d dot-named temporary file(s) under %s: leftovers of killed writes", skipped, local)
     try:
         for path in files:
             key = f"{base}/{path.relative_to(local).as_posix()}"

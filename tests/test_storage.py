@@ -183,3 +183,24 @@ def test_pull_that_loses_the_race_keeps_the_winners_copy(local_remote):
     assert storage.pull(local) is False  # not ours: the other process put it in place
     assert (local / "train" / "part-0.parquet").read_bytes() == b"winner"
     assert [p.name for p in local.parent.iterdir()] == ["v1"]
+
+
+def test_push_leaves_out_the_temporaries_of_killed_writes(local_remote, caplog):
+    _, local = local_remote
+    published = local.parent / "v2"
+    (published / "train").mkdir(parents=True)
+    (published / "train" / "part-0.parquet").write_bytes(b"rows")
+    (published / "manifest.json").write_text("{}")
+    # What a SIGKILL leaves: atomic_write's sibling before its rename, a stage's build directory.
+    (published / ".manifest.json.0123456789abcdef0123456789abcdef.tmp").write_text("{")
+    (published / ".tmp-step-00000100-77").mkdir()
+    (published / ".tmp-step-00000100-77" / "unet.safetensors").write_bytes(b"half")
+    remote = local.parents[3] / "remote" / "datasets" / "x" / "v2"
+    (remote / "train").mkdir(parents=True)  # a bucket has no folders; the local stand-in needs them
+    uri = storage.push(published)
+    assert uri == "s3://bucket/p/datasets/x/v2"
+    assert sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file()) == [
+        storage.MARKER, "manifest.json", "train/part-0.parquet"
+    ]  # fmt: skip
+    assert (remote / storage.MARKER).read_text() == "2\n"
+    assert "not uploading 2 dot-named temporary file(s)" in caplog.text
