@@ -223,7 +223,8 @@ class TrainingInterrupted(TrainingError):
 
 class TorchrunFailed(TrainingError):
     """torchrun exited non-zero and no worker reported bad input: a process was killed (SIGTERM,
-    out of memory) or lost its peers (NCCL, a machine gone); run again to resume."""
+    the kernel's OOM killer) or lost its peers (NCCL, a machine gone); run again to resume. A GPU
+    out of memory is reported by its worker instead (a TrainingError naming what to change)."""
 
 
 # ---- the plain function ---------------------------------------------------------------------
@@ -525,10 +526,24 @@ class _Trainer:
     def run(self) -> TrainResult:
         try:
             return self._run()
+        except torch.OutOfMemoryError as exc:  # the same batch would run out again: say what to change, no retry
+            raise TrainingError(self._out_of_memory(exc)) from exc
         finally:  # memory-mapped data of `data_storage: disk`, rebuilt by a resumed attempt
             shutil.rmtree(self.data_cache, ignore_errors=True)
             with contextlib.suppress(OSError):
                 (self.run_dir / DATA_CACHE_DIR).rmdir()  # the last rank out removes the folder
+
+    def _out_of_memory(self, exc: BaseException) -> str:
+        c = self.config
+        micro = c.batch_size // (c.grad_accum * self.dist.world)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return (
+            f"{self.device} ran out of memory ({first}) training micro-batches of {micro} images at "
+            f"{self.dataset.resolution} px (batch_size {c.batch_size} / grad_accum {c.grad_accum} / "
+            f"{self.dist.world} process(es)): raise train.grad_accum (e.g. to {2 * c.grad_accum}; the same "
+            f"batch_size per optimizer step, in smaller micro-batches) or lower train.batch_size. "
+            f"The checkpoints so far are kept; the run resumes from the last one"
+        )
 
     def _run(self) -> TrainResult:
         c = self.config

@@ -380,6 +380,34 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(toy, 
     assert not (run_dir / "model").exists()
 
 
+def test_out_of_gpu_memory_names_the_micro_batch_and_what_to_change_and_is_not_retried(toy, tmp_path, monkeypatch):
+    import tasks.train as train_module
+
+    dataset, embeddings = toy
+    real_step = train_module._Trainer._train_step
+
+    def runs_out_at_step_4(self, step, micro):
+        if step == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return real_step(self, step, micro)
+
+    monkeypatch.setattr(train_module._Trainer, "_train_step", runs_out_at_step_4)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingError) as info:
+        train_model(dataset, embeddings, tiny(checkpoint_every=2, grad_accum=2), run_dir=run_dir, mlflow_experiment=None, progress=False)
+    message = str(info.value)
+    assert "ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in message
+    assert "micro-batches of 4 images at 8 px (batch_size 8 / grad_accum 2 / 1 process(es))" in message
+    assert "train.grad_accum (e.g. to 4" in message and isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    assert [p.name for p in (run_dir / CHECKPOINTS_DIR).iterdir()] == ["step-00000002"]  # kept for a resume
+
+    class Failed:
+        def result(self):
+            raise info.value
+
+    assert train_module._retry_unless_deterministic(None, None, Failed()) is False
+
+
 # ---- tracking ---------------------------------------------------------------------------------
 
 
