@@ -130,7 +130,7 @@ class ShapesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     n_images: int = Field(1000, ge=1)
-    resolution: int = Field(32, ge=8, le=1024)
+    resolution: int = Field(32, ge=8, le=1024, description=f"pixels per side; below {MIN_SHAPES_RESOLUTION} a warning (see MIN_SHAPES_RESOLUTION)")
     seed: int = 0
     colours: tuple[str, ...] = tuple(COLOURS)
     shapes: tuple[str, ...] = SHAPES
@@ -287,6 +287,13 @@ def generate_shapes(out_dir: str | Path, config: ShapesConfig | None = None) -> 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} is not empty and is not a shapes set; choose an empty or new folder")
 
+    if config.resolution < MIN_SHAPES_RESOLUTION:
+        log.warning(
+            "drawing shapes at %d px: below %d px some shape classes share their pixels, and the attribute checker "
+            "misreads some of the generator's own images; draw at %d px and let ingest scale them down "
+            "(ingest.resolution=%d), as cpu-demo does", config.resolution, MIN_SHAPES_RESOLUTION,
+            MIN_SHAPES_RESOLUTION, config.resolution,
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out_dir.parent, f".tmp-{out_dir.name}-")
     try:

@@ -274,3 +274,13 @@ def test_holding_out_fewer_pairs_than_asked_says_so(tmp_path, caplog):
     caplog.clear()
     generate_shapes(tmp_path / "default", ShapesConfig(n_images=20))
     assert "held out" not in caplog.text
+
+
+def test_drawing_below_the_smallest_readable_size_says_how_to_get_small_images(tmp_path, caplog):
+    generate_shapes(tmp_path / "small", ShapesConfig(n_images=8, resolution=16))
+    assert caplog.text.count("drawing shapes at 16 px: below 32 px") == 1
+    assert "(ingest.resolution=16)" in caplog.text
+    caplog.clear()
+    generate_shapes(tmp_path / "small", ShapesConfig(n_images=8, resolution=16))  # already there: nothing drawn, no warning
+    generate_shapes(tmp_path / "readable", ShapesConfig(n_images=8, resolution=32))
+    assert "drawing shapes at" not in caplog.text
