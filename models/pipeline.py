@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,9 @@ class GenerationParams:
             raise ValueError(f"guidance_scale must be a finite number in [0, 50], got {self.guidance_scale!r}")
         if not (0.0 <= self.eta <= 1.0):
             raise ValueError(f"eta must be in [0, 1], got {self.eta!r}")
+        if self.eta != 0 and self.sampler != "ddim":
+            # ddpm always adds its posterior noise and dpmpp_2m none: an eta there would be ignored
+            raise ValueError(f"eta applies to the ddim sampler only, got eta={self.eta!r} with sampler {self.sampler!r}")
 
 
 class TextToImage:
@@ -112,8 +116,9 @@ class TextToImage:
         params: GenerationParams | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Images in [-1, 1], (B, 3, H, W). Prompt i's starting noise comes from seed i alone,
-        so an image does not depend on what else is in the batch (deterministic samplers)."""
+        """Images in [-1, 1], (B, 3, H, W). Prompt i's noise (its start and, with a stochastic
+        sampler, every step's) comes from seed i alone, so an image does not depend on what
+        else is in the batch."""
         params = params or GenerationParams()
         if isinstance(prompts, str) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings")
@@ -136,13 +141,15 @@ class TextToImage:
         sampler = self.sampler(params)
         shape = (3, self.resolution, self.resolution)
         # x_T per prompt from its own seed, drawn on the CPU so a seed means the same image on any device.
-        x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seed_list])
-        generator = torch.Generator().manual_seed(seed_list[0])  # only stochastic samplers draw from it
+        generators = [torch.Generator().manual_seed(s) for s in seed_list]
+        x_T = torch.stack([torch.randn(shape, generator=g) for g in generators])
+        # A stochastic sampler's step noise for prompt i from generator i, past x_T[i]: independent of the
+        # batch, and never a replay of x_T (a fresh generator of the same seed would redraw it).
         x0 = sample(
             denoiser,
             sampler,
             x_T.shape,
-            generator=generator,
+            generator=generators,
             device=device,
             x_T=x_T,
             progress=progress,
@@ -248,12 +255,23 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def _seed_list(seeds: int | list[int], n: int) -> list[int]:
-    if isinstance(seeds, int):
-        return [seeds + i for i in range(n)]
+    """One seed per prompt: `seeds` itself, or seeds, seeds + 1, ... for a single int. A seed that is
+    not an integer (1.5, True, "3") is an error, never rounded into another image's seed."""
+
+    def as_int(s) -> int:
+        if isinstance(s, bool | np.bool_):
+            raise ValueError(f"seeds must be integers, got {s!r}")
+        try:
+            return operator.index(s)  # int and numpy integers; not floats or strings
+        except TypeError:
+            raise ValueError(f"seeds must be integers, got {s!r} ({type(s).__name__})") from None
+
+    if not isinstance(seeds, list | tuple | np.ndarray):
+        return [as_int(seeds) + i for i in range(n)]
     seeds = list(seeds)
     if len(seeds) != n:
         raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
-    return [int(s) for s in seeds]
+    return [as_int(s) for s in seeds]
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -132,6 +132,8 @@ def test_a_pretrained_tags_image_preprocessing_travels_with_the_model(tiny_clip,
         ({"steps": 0}, "steps"),
         ({"guidance_scale": float("nan")}, "guidance_scale"),
         ({"precision": "fp16"}, "precision"),
+        ({"sampler": "dpmpp_2m", "eta": 0.5}, "eta applies to the ddim sampler only"),
+        ({"sampler": "ddpm", "eta": 1.0}, "eta applies to the ddim sampler only"),
     ],
 )
 def test_bad_generation_params_are_clear_errors(kwargs, match):
@@ -188,3 +190,49 @@ def test_bf16_sampling_stays_close_to_fp32_and_returns_float32(pooled_pipe):
     assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
     diff = (bf16 - fp32).abs()
     assert 0 < diff.max() < 0.1 and diff.mean() < 0.01  # bf16 rounding, not another image
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_step_noise_is_not_the_starting_noise(pipe, monkeypatch, sampler, eta):
+    """A stochastic sampler's fresh noise must be independent of x_T: drawing it from a generator
+    seeded like prompt 0's x_T would replay x_T[0] as the first step's noise."""
+    import models.samplers.ddim as ddim
+    import models.samplers.ddpm as ddpm
+
+    module = ddpm if sampler == "ddpm" else ddim
+    drawn, draw_noise = [], ddpm.draw_noise
+
+    def recording_draw_noise(*args, **kwargs):
+        drawn.append(draw_noise(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(module, "draw_noise", recording_draw_noise)
+    params = GenerationParams(steps=3, sampler=sampler, eta=eta)
+    a = pipe.generate(["a red circle", "a blue square"], seeds=[5, 6], params=params)
+    x_T0 = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(5))
+    assert drawn and not torch.equal(drawn[0][0], x_T0)
+    assert torch.equal(a, pipe.generate(["a red circle", "a blue square"], seeds=[5, 6], params=params))
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_stochastic_samplers_image_depends_on_its_own_seed_only(pipe, sampler, eta):
+    """A served request (prompt, seed) gives one image whatever else shares its batch, also when the
+    sampler adds noise on every step."""
+    params = GenerationParams(steps=3, sampler=sampler, eta=eta)
+    both = pipe.generate(["a red circle", "a blue square"], seeds=[7, 8], params=params)
+    alone = pipe.generate(["a blue square"], seeds=[8], params=params)
+    torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=0)
+    other_seed = pipe.generate(["a blue square"], seeds=[9], params=params)
+    assert (other_seed - alone).abs().max() > 1e-3
+
+
+def test_seeds_must_be_integers_never_rounded(pipe):
+    params = GenerationParams(steps=1)
+    for bad in ([1.5], [True], ["3"], 2.0):
+        with pytest.raises(ValueError, match="seeds must be integers"):
+            pipe.generate(["a red circle"], seeds=bad, params=params)
+    with pytest.raises(ValueError, match="got 2 seeds for 1 prompts"):
+        pipe.generate(["a red circle"], seeds=[1, 2], params=params)
+    import numpy as np
+
+    assert torch.equal(pipe.generate(["x"], seeds=[np.int64(4)], params=params), pipe.generate(["x"], 4, params))

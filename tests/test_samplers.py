@@ -299,6 +299,27 @@ def test_sample_draws_x_T_with_the_generator_and_is_the_visible_loop():
         sample(model_fn, sampler, (1, 3, 8, 8), x_T=x_T())
 
 
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_one_generator_per_sample_makes_each_sample_independent_of_the_batch(name):
+    """diffusers' randn_tensor convention: with a list of generators, sample i's x_T and step noise
+    come from generator i alone (the same image whatever else shares the batch)."""
+    schedule = NoiseSchedule(make_config())
+    kwargs = {"eta": 1.0} if name == "ddim" else {}
+
+    def model_fn(x, t):
+        return 0.5 * x + 0.01 * t.float().view(-1, 1, 1, 1)  # per-sample, bounded enough for a few steps
+
+    def run(seeds):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return sample(model_fn, make_sampler(name, schedule, 5, **kwargs), (len(seeds), 3, 8, 8), generator=generators)
+
+    both, alone = run([3, 4]), run([4])
+    torch.testing.assert_close(both[1:], alone, atol=1e-6, rtol=0)
+    assert (run([5]) - alone).abs().max() > 1e-2  # the seed matters
+    with pytest.raises(ValueError, match="one per sample"):
+        sample(model_fn, make_sampler(name, schedule, 5, **kwargs), (2, 3, 8, 8), generator=[torch.Generator()])
+
+
 # ---------------------------------------------------------------- classifier-free guidance
 
 

@@ -40,7 +40,7 @@ def sample(
     model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     sampler,
     shape: tuple[int, ...],
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
@@ -50,6 +50,8 @@ def sample(
 
     x_T is drawn with `generator` on its device (the CPU for a CPU generator) and then moved, so a
     seed gives the same image on any device; pass `x_T` to start from given noise instead.
+    A list of generators, one per sample, makes each sample's noise (x_T and a stochastic
+    sampler's per-step noise) independent of the rest of the batch.
     """
     shape = tuple(shape)
     if x_T is None:

@@ -41,9 +41,13 @@ class DDIMSampler:
         self._prev_timestep = dict(zip(timesteps, timesteps[1:] + [-1]))
 
     def step(
-        self, model_output: torch.Tensor, t: int, x_t: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        model_output: torch.Tensor,
+        t: int,
+        x_t: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
-        """x at the previous timestep. model_output, x_t: (B, C, H, W)."""
+        """x at the previous timestep. model_output, x_t: (B, C, H, W); generator: one, or one per sample."""
         t = int(t)
         if t not in self._prev_timestep:
             raise ValueError(f"t={t} is not one of this sampler's timesteps; iterate over sampler.timesteps")

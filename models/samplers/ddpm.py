@@ -55,9 +55,18 @@ def trailing_timesteps(num_train_timesteps: int, num_inference_steps: int) -> li
     return [round(p) - 1 for p in points[:N]]
 
 
-def draw_noise(shape, generator: torch.Generator | None, device, dtype: torch.dtype) -> torch.Tensor:
+def draw_noise(
+    shape, generator: torch.Generator | list[torch.Generator] | None, device, dtype: torch.dtype
+) -> torch.Tensor:
     """N(0, I) drawn on the generator's device (the CPU for a CPU generator) then moved, as diffusers'
-    `randn_tensor` does: the same seed gives the same numbers whatever device the sample lives on."""
+    `randn_tensor` does: the same seed gives the same numbers whatever device the sample lives on.
+    A list of generators, one per sample (as `randn_tensor` takes): sample i's noise comes from
+    generator i alone, so it does not depend on the rest of the batch."""
+    if isinstance(generator, list | tuple):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; give one per sample")
+        noise = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.cat(noise).to(device)  # (B, ...): one copy to the device, not one per sample
     draw_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
@@ -87,9 +96,13 @@ class DDPMSampler:
         self._prev_timestep = dict(zip(timesteps, timesteps[1:] + [-1]))
 
     def step(
-        self, model_output: torch.Tensor, t: int, x_t: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        model_output: torch.Tensor,
+        t: int,
+        x_t: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
-        """x at the previous timestep. model_output, x_t: (B, C, H, W)."""
+        """x at the previous timestep. model_output, x_t: (B, C, H, W); generator: one, or one per sample."""
         t = int(t)
         if t not in self._prev_timestep:
             raise ValueError(f"t={t} is not one of this sampler's timesteps; iterate over sampler.timesteps")
