@@ -6,8 +6,8 @@ measures the diffusion model, not a second network.
 - `parse_caption("a small red circle in the top left")` -> the shapes a caption names
   (every wording the generator writes, one or two shapes).
 - `read_shapes(image)` -> the shapes an image shows. The background colour is the median of
-  the border pixels; the foreground is what lies far from it. Colour: the named colour in
-  whose direction from the background a pixel lies (so dim or edge pixels keep their colour);
+  the border pixels; the foreground is what lies far from it. Colour: the named colour (or
+  black) in whose direction from the background a pixel lies (so dim or edge pixels keep their colour);
   the foreground of each colour splits into connected blobs. Per blob: a soft coverage map
   (each pixel's fraction of the way from the background to the blob's core colour, so
   anti-aliased or downscaled edges count in part) gives the centroid -> position (the third
@@ -52,6 +52,8 @@ FOREGROUND_DISTANCE = 75.0
 # Blobs smaller than a quarter of the smallest shape (a small triangle) are noise.
 MIN_AREA_FRACTION = 0.25 * 1.5 * min(SIZES.values()) ** 2
 SUPERSAMPLE = 4  # sub-pixels per pixel side for the ideal coverage templates
+# The colours `read_shapes` names: the palette, and black, which no prompt names (see there).
+READ_COLOURS = {**COLOURS, "black": BACKGROUNDS["black"]}
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class ParsedCaption:
 class Detection:
     """One shape read from an image. Fractions are of the image side (centroid) or area."""
 
-    colour: str
+    colour: str  # a palette colour, or "black" (a dark shape on grey: no prompt's colour)
     shape: str
     size: str
     position: str
@@ -156,8 +158,11 @@ def read_shapes(image: Image.Image | np.ndarray, max_shapes: int = 2) -> list[De
     # lies (cosine). Mixing with the background (edges, downscaling) keeps the direction, so an
     # edge pixel keeps its shape's colour; two shapes of different colours stay apart even
     # where downscaling blurs the gap between them (the generator never pairs equal colours).
-    names = list(COLOURS)
-    palette = np.asarray([COLOURS[n] for n in names], dtype=np.float64) - background  # (C, 3)
+    # Black is a class too (no prompt names it): from a grey background it lies as much towards
+    # red as green or blue, so a dark shape would otherwise read as red (the first of them).
+    # From a black background its direction is zero and it never wins.
+    names = list(READ_COLOURS)
+    palette = np.asarray([READ_COLOURS[n] for n in names], dtype=np.float64) - background  # (C, 3)
     palette /= np.maximum(np.linalg.norm(palette, axis=-1, keepdims=True), 1e-6)
     colour_class = (offset @ palette.T).argmax(axis=-1)  # (H, W)
 
@@ -203,7 +208,7 @@ def read_shapes(image: Image.Image | np.ndarray, max_shapes: int = 2) -> list[De
                 centroid=(cx, cy),
                 area=area / (h * w),
                 rgb=tuple(float(v) for v in rgb),
-                colour_distance=float(np.linalg.norm(rgb - np.asarray(COLOURS[name], dtype=np.float64))),
+                colour_distance=float(np.linalg.norm(rgb - np.asarray(READ_COLOURS[name], dtype=np.float64))),
             )
         )
     return detections
@@ -286,14 +291,18 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def match_objects(expected: Sequence[ShapeAttributes], detections: Sequence[Detection]) -> list[Detection | None]:
-    """Pair each expected shape with a detection: the one of its colour if any, else the largest left."""
+    """Pair each expected shape with a detection: the one of its colour if any, else the largest left
+    once every colour match is made (so a shape missing its colour never takes another's match)."""
     left = list(detections)
     matched: list[Detection | None] = []
     for attrs in expected:
-        pick = next((d for d in left if d.colour == attrs.colour), left[0] if left else None)
+        pick = next((d for d in left if d.colour == attrs.colour), None)
         if pick is not None:
             left.remove(pick)
         matched.append(pick)
+    for i, pick in enumerate(matched):
+        if pick is None and left:
+            matched[i] = left.pop(0)
     return matched
 
 

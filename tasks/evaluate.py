@@ -68,7 +68,8 @@ from tasks.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapesConfig, heldou
 
 # Bump when a metric's definition changes: old cached results are then recomputed.
 # 2: steps-table speeds timed per row, warm-ups untimed.
-EVAL_FORMAT = 2
+# 3: the attribute checker reads black apart from the palette and matches colours before the rest.
+EVAL_FORMAT = 3
 EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.json"
@@ -187,7 +188,7 @@ def gate(
     if not is_better_or_equal(primary, value, threshold):
         return False, f"{primary} {value:.4g} misses the threshold ({relation} {threshold:.4g})"
     reason = f"{primary} {value:.4g} meets the threshold ({relation} {threshold:.4g})"
-    if not champion_metrics:
+    if champion_metrics is None:  # {}: a champion without eval metrics, said below
         return True, reason + "; no champion to compare"
     if primary not in champion_metrics:
         return True, reason + f"; the champion has no {primary} to compare"
@@ -230,6 +231,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         raise ValueError(f"expected two (N, E) arrays of the same width, got {a.shape} and {b.shape}")
     if len(a) < 2 or len(b) < 2:
         raise ValueError(f"a covariance needs at least 2 samples per set, got {len(a)} and {len(b)}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")  # e.g. a diverged model's NaN samples: the gate fails it (eigh would raise)
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)  # (E, E)
     root_a = _psd_sqrt(cov_a)

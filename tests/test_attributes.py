@@ -228,3 +228,31 @@ def test_two_shape_prompts_match_shapes_by_colour():
         [ShapeSpec("blue", "triangle", "large", "bottom right"), ShapeSpec("red", "circle", "small", "top left")], 32
     )
     assert score_prompts([want], [image])["all_correct"] == 1.0
+
+
+def test_a_shape_without_a_colour_match_does_not_take_another_shapes_match():
+    # The red circle is missing; the blue triangle is drawn right and must be scored right, not
+    # handed to the red circle (as the largest detection left) before the blue one is matched.
+    want = (ShapeAttributes("red", "circle", "top left", "small"), ShapeAttributes("blue", "triangle", "bottom right", "large"))
+    image = render_shapes(
+        [ShapeSpec("blue", "triangle", "large", "bottom right"), ShapeSpec("green", "triangle", "small", "top left")], 32
+    )
+    matched = match_objects(want, read_shapes(image))
+    assert [d.colour for d in matched] == ["green", "blue"]
+    scores = score_prompts([want], [image])
+    assert scores["colour_acc"] == 0.5 and scores["shape_acc"] == 0.5
+    assert scores["position_acc"] == 1.0 and scores["size_acc"] == 1.0
+
+
+def test_a_dark_shape_on_grey_is_not_read_as_a_palette_colour():
+    # From grey, black lies as much towards red as green or blue: it must not read as red (the
+    # first of them), or a model drawing every shape black would score on all red prompts.
+    image = render_shapes([ShapeSpec("red", "square", "large", "top left")], 32, "grey")
+    dark = np.asarray(image).copy()
+    dark[(dark != BACKGROUNDS["grey"]).any(axis=-1)] = 0  # the same square, black
+    (found,) = read_shapes(dark)
+    assert found.colour not in COLOURS and (found.shape, found.size, found.position) == ("square", "large", "top left")
+    scores = score_prompts([(ShapeAttributes("red", "square", "top left", "large"),)], [dark])
+    assert scores["colour_acc"] == 0.0 and scores["shape_acc"] == scores["position_acc"] == 1.0
+    (white,) = read_shapes(render_shapes([ShapeSpec("white", "circle", "small", "centre")], 32, "grey"))
+    assert white.colour == "white"

@@ -123,6 +123,8 @@ def test_gate_needs_the_threshold_and_no_regression_against_the_champion():
     passed, why = gate(m, "attr_accuracy", 0.7, {"attr_accuracy": 0.85})
     assert not passed and "champion" in why
     assert gate(m, "attr_accuracy", 0.7, {"fd_clip": 1.0})[0]  # the champion has no attr_accuracy
+    passed, why = gate(m, "attr_accuracy", 0.7, {})  # a champion registered without eval metrics
+    assert passed and "the champion has no attr_accuracy" in why and "no champion" not in why
     assert gate(m, "fd_clip", 10.0, {"fd_clip": 6.0})[0]  # lower is better
     assert not gate(m, "fd_clip", 10.0, {"fd_clip": 4.0})[0]
     assert not gate(m, "fd_clip", 4.0, None)[0]
@@ -179,6 +181,17 @@ def test_fd_matches_scipy_sqrtm_and_handles_fewer_samples_than_dims():
     assert math.isfinite(few) and few > 0
     with pytest.raises(ValueError, match="2 samples"):
         frechet_distance(a[:1], b)
+
+
+def test_fd_of_non_finite_embeddings_is_nan_not_a_crash():
+    # A diverged model samples NaN images; its FD must fail the gate, not crash the stage (LinAlgError).
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(20, 4))
+    for bad in (math.nan, math.inf):
+        b = a.copy()
+        b[0, 0] = bad
+        assert math.isnan(frechet_distance(a, b)) and math.isnan(frechet_distance(b, a))
+    assert not gate({"fd_clip": frechet_distance(a, np.full_like(a, math.nan))}, "fd_clip", 1e9, None)[0]
 
 
 def test_clip_score_is_the_mean_cosine():
