@@ -17,7 +17,10 @@ ever loaded: weights go through safetensors only, configs through JSON.
 Request: a DataFrame, one row per image, with `prompt` (str) and optional `seed` (int, default the
 row's position), `steps` (int), `guidance_scale` (float), `sampler` (str). An optional column, once
 given, needs a value in every row: the signature types `seed` and `steps` as integers, which a
-gap cannot be. Response: one base64 PNG string per row. Served over HTTP:
+gap cannot be. Over HTTP, MLflow's server first casts each column to its signature type (pandas
+`astype`), so there a fractional `seed` or `steps` arrives truncated; in process it is an error.
+MLflow drops request `params` with a warning (the signature declares none): put them in the rows.
+Response: one base64 PNG string per row. Served over HTTP:
 
     curl -s http://127.0.0.1:5000/invocations -H 'Content-Type: application/json' \
          -d '{"dataframe_records": [{"prompt": "a red circle in the top left", "seed": 0}]}'
@@ -73,6 +76,7 @@ mlflow.models.set_model(TextToImageModel())
 
 REQUEST_COLUMNS = ("prompt", "seed", "steps", "guidance_scale", "sampler")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
+MAX_EXACT_FLOAT = 2**53  # past it a float (an integer column with gaps is float) no longer holds every integer
 MAX_BATCH = 16  # rows per UNet batch; a row's image depends on its own seed only, so chunking is invisible
 # Rebuilt vs stored empty-caption states: identical on the same device; TF32/reduced precision on a
 # GPU moves them by ~1e-3, a different encoder by O(1).
@@ -299,6 +303,11 @@ def _integer(value, column: str, row: int, default: int) -> int:
         raise InvalidRequestError(f"row {row}: {column} must be an integer, got {value!r}")
     if not float(value).is_integer():
         raise InvalidRequestError(f"row {row}: {column} must be an integer, got {value!r}")
+    if isinstance(value, (float, np.floating)) and MAX_EXACT_FLOAT < abs(value) <= MAX_SEED:  # larger: out of range
+        raise InvalidRequestError(
+            f"row {row}: {column} {value!r} arrived as a float, which is inexact beyond 2**53 (a column with "
+            f"gaps is float); give {column} in every row"
+        )
     return int(value)
 
 

@@ -5,7 +5,7 @@
     restore_champion("t2i-shapes", "3")  # put an earlier version back as champion
 
 The version is an MLflow pyfunc (see `models/mlflow_model.py`) logged into the training run (or a
-new run when that run is not in this tracking store), with the `models` package as its code, so a
+new run when that run is not in this tracking store, or deleted), with the `models` package as its code, so a
 server needs nothing else of the project:
 
     mlflow models serve -m models:/t2i-shapes@champion --env-manager local -h 127.0.0.1 -p 5000
@@ -44,7 +44,7 @@ from tasks import storage
 from tasks.contracts import EvalReport, RegisteredModel, TrainResult
 from tasks.evaluate import is_better_or_equal
 from tasks.prefect_compat import exponential_backoff, task
-from tasks.register_config import RegisterConfig
+from tasks.register_config import TAG_KEY_RULE, RegisterConfig, invalid_tag_keys
 from tasks.settings import get_settings
 from tasks.tracking import ensure_experiment, mlflow_uris, set_alias
 
@@ -116,7 +116,12 @@ def register_model(
     clash = sorted(k for k in extra if k in RESERVED_TAGS or k.startswith((EVAL_PREFIX, "gate.")))
     if clash:
         raise RegisterError(f"extra tags {clash} would overwrite the tags registration sets itself")
-    pipe = TextToImage.load(checkpoint)  # refuses a broken or tampered checkpoint before anything is logged
+    if bad := invalid_tag_keys(extra):
+        raise RegisterError(f"extra tags {bad}: {TAG_KEY_RULE}")
+    try:
+        pipe = TextToImage.load(checkpoint)  # refuses a broken or tampered checkpoint before anything is logged
+    except (ValueError, FileNotFoundError) as exc:  # UnsafeCheckpointError is a ValueError; no retry mends either
+        raise RegisterError(f"TrainResult.checkpoint {checkpoint} cannot be loaded: {exc}") from exc
     fingerprint = _fingerprint(checkpoint)
     version_tags = {**_version_tags(train, report, pipe, fingerprint), **extra}
     client = _client()
@@ -254,12 +259,17 @@ def _version_with_fingerprint(client: MlflowClient, name: str, fingerprint: str)
 
 
 def _run_id(client: MlflowClient, train: TrainResult, config: RegisterConfig, fingerprint: str) -> str:
-    """The training run when this tracking store has it, else a new run in `config.experiment`."""
+    """The training run when this tracking store has it (and it is not deleted: MLflow cannot log
+    into a deleted run), else a new run in `config.experiment`."""
     if train.mlflow_run_id:
         try:
-            return client.get_run(train.mlflow_run_id).info.run_id
+            info = client.get_run(train.mlflow_run_id).info
         except MlflowException:
             log.warning("training run %s is not in this tracking store; logging into a new run", train.mlflow_run_id)
+        else:
+            if info.lifecycle_stage == "active":
+                return info.run_id
+            log.warning("training run %s is deleted; logging into a new run", train.mlflow_run_id)
     experiment_id = ensure_experiment(client, config.experiment)
     run = client.create_run(experiment_id, run_name=f"register-{fingerprint}", tags={"t2i.stage": "register"})
     return run.info.run_id

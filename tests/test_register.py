@@ -122,18 +122,51 @@ def test_first_model_failing_the_gate_is_candidate_only_and_tags_are_complete(mo
     assert tags["owner"] == "tests"
 
 
-def test_bad_inputs_are_clear_errors(models_, tmp_path):
+def test_bad_inputs_are_clear_errors(models_, tmp_path, tiny_clip):
     with pytest.raises(RegisterError, match="primary_metric"):
         bad = report(0.3).model_copy(update={"primary_metric": "nope"})
         register_model(models_[0], bad, RegisterConfig(model_name=NAME))
     with pytest.raises(RegisterError, match="not a saved TextToImage"):
         register_model(models_[0].model_copy(update={"checkpoint": str(tmp_path)}), report(0.3))
+    # A broken or tampered checkpoint fails the same way on every retry: bad input, not a hiccup.
+    broken = save_tiny_model(tmp_path / "broken" / "model", tiny_clip, seed=9)
+    (tmp_path / "broken" / "model" / "unet.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RegisterError, match="safetensors"):
+        register_model(broken, report(0.3), RegisterConfig(model_name=NAME))
     with pytest.raises(RegisterError, match="overwrite"):
         register_model(models_[0], report(0.3), RegisterConfig(model_name=NAME), tags={"eval.clip_score": "1"})
     with pytest.raises(ValueError, match="model_name"):
         RegisterConfig(model_name="bad/name")
     with pytest.raises(ValueError, match="extra"):
         RegisterConfig(modelname="typo")
+
+
+def test_tag_keys_mlflow_refuses_fail_before_anything_is_logged(models_):
+    # MLflow refuses such keys only when the version is created, after the model was logged, and
+    # as an MlflowException that the Prefect task would retry (logging the model again each time).
+    for key in ("owner@team", "../up", ""):
+        with pytest.raises(RegisterError, match="tag"):
+            register_model(models_[0], report(0.3), RegisterConfig(model_name=NAME), tags={key: "x"})
+        with pytest.raises(ValueError, match="tags"):
+            RegisterConfig(tags={key: "x"})  # a preset's register.tags: refused where the preset loads
+    uri = get_settings().mlflow_tracking_uri
+    client = MlflowClient(uri, registry_uri=uri)
+    assert client.search_registered_models() == []
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    RegisterConfig(tags={"team/owner: ml-platform": "x", "cost_center.id": "7"})  # what MLflow accepts
+
+
+def test_a_deleted_training_run_gets_a_new_run(models_):
+    uri = get_settings().mlflow_tracking_uri
+    client = MlflowClient(uri, registry_uri=uri)
+    train_run = client.create_run(client.create_experiment("train-exp")).info.run_id
+    client.delete_run(train_run)  # e.g. cleaned up in the UI; MLflow cannot log into it
+    train = models_[0].model_copy(update={"mlflow_run_id": train_run})
+
+    registered = register_model(train, report(0.3), RegisterConfig(model_name=NAME))
+    mv = client.get_model_version(NAME, registered.version)
+    assert mv.run_id != train_run and client.get_run(mv.run_id).info.lifecycle_stage == "active"
+    assert mv.tags["mlflow_train_run_id"] == train_run  # the provenance stays
 
 
 def test_prefect_task_retries_only_what_a_retry_can_fix():

@@ -151,6 +151,8 @@ def test_load_by_alias_generate_and_sample_images(registered):
         ({"prompt": ["x"], "guidance_scale": [float("inf")]}, "guidance_scale"),
         ({"prompt": ["x"], "guidance": [3.0]}, "unknown columns \\['guidance'\\]"),
         ({"prompt": [None]}, "prompt must be a string"),
+        # A gap makes the column float, which cannot hold every integer past 2**53: refused, not rounded.
+        ({"prompt": ["x", "y"], "seed": [2**60 + 1, None]}, r"row 0: seed 1.152921504606847e\+18 .* beyond 2\*\*53"),
         ({"seed": [1]}, "needs a `prompt` column"),
     ],
 )
