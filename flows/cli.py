@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -54,13 +57,45 @@ def _offline_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+def _message(exc: Exception) -> str:
+    """`exc`'s message on one line; a pydantic error as `where: what` per error, without its URL."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or exc.title}: {e['ctx']['error'] if e['type'] == 'value_error' else e['msg']}"
+        + ("" if isinstance(e["input"], (dict, list)) else f" (got {reprlib.repr(e['input'])})")
+        for e in exc.errors()
+    )
+
+
 def _preset(name: str, overrides: list[str] | None):
     from tasks.presets import load_preset
 
     try:
         return load_preset(name, overrides or [])
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(_message(exc)) from exc
+
+
+@contextmanager
+def _stage_errors() -> Iterator[None]:
+    """A stage refusing its input or failing for good (the project's errors say what to do: a
+    ValueError subclass, a missing file, a TrainingError, a StorageError, a flow's StageFailed) ends
+    the command with that message on one line, not a traceback; any other exception is a bug and
+    keeps its traceback."""
+    try:
+        yield
+    except Exception as exc:
+        from flows.pipeline import StageFailed
+        from tasks.storage import StorageError
+        from tasks.train import TrainingError
+
+        if not isinstance(exc, (ValueError, FileNotFoundError, TrainingError, StorageError, StageFailed)):
+            raise
+        typer.secho(f"Error: {_message(exc)}", err=True, fg="red")
+        raise typer.Exit(1) from exc
 
 
 def load_train_result(run_dir: Path):
@@ -80,7 +115,7 @@ def _echo_json(title: str, obj) -> None:
 
 @app.command()
 def shapes(
-    out: Annotated[Optional[Path], typer.Option(help="folder to write; default data/raw/shapes-<config hash>")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="folder to write; default <data root>/raw/shapes-<config hash> (T2I_DATA_ROOT, default data)")] = None,
     preset: PresetOpt = "cpu-demo",
     set_: SetOpt = None,
 ) -> None:
@@ -88,14 +123,15 @@ def shapes(
     from tasks.shapes import default_shapes_dir, generate_shapes
 
     config = _preset(preset, set_).shapes
-    path = generate_shapes(out or default_shapes_dir(config), config)
+    with _stage_errors():
+        path = generate_shapes(out or default_shapes_dir(config), config)
     typer.echo(f"shapes source ({config.n_images} images, {config.resolution} px): {path}")
 
 
 @app.command()
 def ingest(
     source: Annotated[str, typer.Argument(help="image folder, folder of .tar shards, or a .csv/.parquet URL list")],
-    name: Annotated[str, typer.Option(help="dataset name under data/datasets/")],
+    name: Annotated[str, typer.Option(help="dataset name under <data root>/datasets/ (T2I_DATA_ROOT, default data)")],
     resolution: Annotated[Optional[int], typer.Option(help="training image side in pixels")] = None,
     preset: PresetOpt = "cpu-demo",
     set_: SetOpt = None,
@@ -105,7 +141,9 @@ def ingest(
     from tasks.ingest import ingest_dataset
 
     overrides = list(set_ or []) + ([f"ingest.resolution={resolution}"] if resolution is not None else [])
-    dataset = ingest_dataset(source, name, _preset(preset, overrides).ingest, dask_address=dask_address)
+    config = _preset(preset, overrides).ingest
+    with _stage_errors():
+        dataset = ingest_dataset(source, name, config, dask_address=dask_address)
     _echo_json("dataset version", dataset)
 
 
@@ -136,7 +174,9 @@ def embed(
         overrides.append(f"embed.encoder.model_name={yaml_string(model_name)}")
     if allow_random_init is not None:
         overrides.append(f"embed.encoder.allow_random_init={str(allow_random_init).lower()}")
-    result = embed_from_path(dataset_dir, _preset(preset, overrides).embed, dask_address=dask_address)
+    config = _preset(preset, overrides).embed
+    with _stage_errors():
+        result = embed_from_path(dataset_dir, config, dask_address=dask_address)
     _echo_json("embedding set", result)
 
 
@@ -152,9 +192,9 @@ def train(
     from tasks.ingest import load_dataset_version
     from tasks.train import train_model
 
-    result = train_model(
-        load_dataset_version(dataset_dir), load_embedding_set(embeddings_dir), _preset(preset, set_).train
-    )
+    config = _preset(preset, set_).train
+    with _stage_errors():
+        result = train_model(load_dataset_version(dataset_dir), load_embedding_set(embeddings_dir), config)
     _echo_json("training result", result)
 
 
@@ -166,18 +206,22 @@ def evaluate(
     set_: SetOpt = None,
 ) -> None:
     """Sample the evaluation grid, compute metrics and the gate verdict; prints the EvalReport."""
+    from models.checkpoint import write_text_atomic
     from tasks.evaluate import evaluate_model
     from tasks.ingest import load_dataset_version
     from tasks.register import champion_metrics
 
     p = _preset(preset, set_)
-    report = evaluate_model(
-        load_train_result(run_dir),
-        load_dataset_version(dataset_dir),
-        p.evaluate,
-        champion_metrics=champion_metrics(p.register.model_name),
-    )
-    (Path(run_dir) / "eval_report.json").write_text(report.model_dump_json(indent=2))
+    train_result = load_train_result(run_dir)
+    with _stage_errors():
+        report = evaluate_model(
+            train_result,
+            load_dataset_version(dataset_dir),
+            p.evaluate,
+            champion_metrics=champion_metrics(p.register.model_name),
+        )
+    # atomically: `t2i register` must never read half a report
+    write_text_atomic(Path(run_dir) / "eval_report.json", report.model_dump_json(indent=2))
     _echo_json("evaluation report", report)
 
 
@@ -193,16 +237,23 @@ def register(
     from tasks.register import register_model, restore_champion
 
     config = _preset(preset, set_).register
+    if run_dir is not None and restore is not None:
+        raise typer.BadParameter("give either RUN_DIR or --restore VERSION, not both")
     if restore is not None:
-        _echo_json("restored", restore_champion(config.model_name, restore))
+        with _stage_errors():
+            restored = restore_champion(config.model_name, restore)
+        _echo_json("restored", restored)
         return
     if run_dir is None:
         raise typer.BadParameter("give RUN_DIR (evaluated with `t2i evaluate`) or --restore VERSION")
     report_path = Path(run_dir) / "eval_report.json"
     if not report_path.is_file():
         raise typer.BadParameter(f"{report_path} not found: run `t2i evaluate {run_dir} DATASET_DIR` first")
-    report = EvalReport.model_validate_json(report_path.read_text())
-    _echo_json("registered", register_model(load_train_result(run_dir), report, config))
+    train_result = load_train_result(run_dir)
+    with _stage_errors():
+        report = EvalReport.model_validate_json(report_path.read_text())
+        registered = register_model(train_result, report, config)
+    _echo_json("registered", registered)
 
 
 @app.command()
@@ -216,12 +267,18 @@ def sample(
     steps: Annotated[int, typer.Option(help="sampler steps")] = 50,
     guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 3.0,
     sampler: Annotated[str, typer.Option(help="ddim, dpmpp_2m or ddpm")] = "ddim",
-    scale: Annotated[int, typer.Option(help="upscale the written PNG by this factor (nearest), for viewing")] = 1,
+    scale: Annotated[int, typer.Option(min=1, help="upscale the written PNG by this factor (nearest), for viewing")] = 1,
 ) -> None:
     """Generate images from a registered (or saved) model."""
+    from PIL import Image
+
     from tasks.register import sample_images
 
-    images = sample_images(model, list(prompts), seed=seed, steps=steps, guidance_scale=guidance, sampler=sampler)
+    Image.init()
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:  # checked before minutes of sampling
+        raise typer.BadParameter(f"{out} does not name an image file: e.g. --out out.png", param_hint="--out")
+    with _stage_errors():
+        images = sample_images(model, list(prompts), seed=seed, steps=steps, guidance_scale=guidance, sampler=sampler)
     for i, image in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         if scale > 1:
@@ -247,9 +304,13 @@ def run(
     params = PipelineParams(
         preset=preset, source=source, dataset_name=name, overrides=list(set_ or []), dask_address=dask_address
     )
-    params.to_preset()  # fail fast on a bad preset or override, before Prefect starts
+    try:
+        params.to_preset()  # fail fast on a bad preset or override, before Prefect starts
+    except ValueError as exc:
+        raise typer.BadParameter(_message(exc)) from exc
     started = time.perf_counter()
-    summary = text_to_image_pipeline(params)
+    with _stage_errors():
+        summary = text_to_image_pipeline(params)
     elapsed = time.perf_counter() - started
     settings = get_settings()
     r = summary.report

@@ -79,14 +79,17 @@ def build_deployment(
     pull step into PROJECT_ROOT (where a worker finds `flows/`, `configs/` and the relative
     data root); served, the runner runs the flow object it already holds.
     """
+    if name is not None and not name.strip():
+        raise DeployError("the deployment name must not be empty: leave out --deployment for the preset's name")
     try:
         params.to_preset()  # a bad preset or override fails now, not in the first scheduled run
     except ValueError as exc:
         raise DeployError(str(exc)) from exc
+    params = absolute_paths(params)
     flow = text_to_image_pipeline if work_pool is None else Flow.from_source(str(PROJECT_ROOT), FLOW_ENTRYPOINT)
     try:
         return flow.to_deployment(
-            name=name or default_deployment_name(params),
+            name=name if name is not None else default_deployment_name(params),
             parameters=deployment_parameters(params),
             schedules=[schedule] if schedule is not None else None,
             tags=TAGS,
@@ -94,6 +97,19 @@ def build_deployment(
         )
     except InvalidNameError as exc:
         raise DeployError(f"{exc} Choose another --deployment name.") from exc
+
+
+def absolute_paths(params: PipelineParams) -> PipelineParams:
+    """`params` with a preset file and a source folder given relative to this process's working
+    directory made absolute: a worker runs the flow in PROJECT_ROOT, where they would name other
+    files or none. A preset named in configs/ stays a name."""
+    update = {}
+    preset = Path(params.preset)
+    if preset.suffix in {".yaml", ".yml"} and preset.is_file():  # what resolve_preset_path reads as a file
+        update["preset"] = str(preset.absolute())
+    if params.source:  # empty: the generated shapes set
+        update["source"] = str(Path(params.source).absolute())
+    return params.model_copy(update=update)
 
 
 def default_deployment_name(params: PipelineParams) -> str:

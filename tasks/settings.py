@@ -35,7 +35,7 @@ class Settings(BaseSettings):
         root = str(values.get("data_root") or "")
         if "://" not in root:
             return values
-        if not root.startswith("s3://") or len(root) <= len("s3://"):
+        if not root.startswith("s3://") or not root[len("s3://") :].split("/")[0]:  # no bucket
             raise ValueError(f"T2I_DATA_ROOT={root!r}: a URI data root must be s3://bucket[/prefix]")
         local = values.get("local_data_root") or Path.home() / ".cache" / "t2i" / root[len("s3://") :].strip("/").replace("/", "_")
         return {**values, "data_uri": root.rstrip("/"), "data_root": Path(local)}
