@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def save() -> None:
         if args.artifacts is not None:
-            (args.artifacts / "quality.json").write_text(json.dumps(result) + "\n", encoding="utf-8")
+            (args.artifacts / "quality.json").write_text(json_line(result) + "\n", encoding="utf-8")
 
     if args.artifacts is not None:
         args.artifacts.mkdir(parents=True, exist_ok=True)
@@ -142,8 +143,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scales = [float(g) for g in args.guidance.split(",") if g.strip()]
         result["guidance_sweep"] = timed("guidance_sweep", guidance_sweep, trained, dataset, preset.evaluate, scales)
         save()
-    print(json.dumps(result), flush=True)
+    print(json_line(result), flush=True)
     return result
+
+
+def json_line(result: Any) -> str:
+    """`result` as strict JSON: a non-finite number (a diverged model's fd_clip or loss) as null,
+    which every JSON reader takes, where Python's default would write NaN."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(result), allow_nan=False)
 
 
 def fit_steps(config, seconds: float, images_per_s: float):

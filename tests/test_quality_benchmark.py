@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import python_without
 
-from benchmarks.quality import check_targets, fit_steps
+from benchmarks.quality import check_targets, fit_steps, json_line
 from tasks.presets import load_preset
 
 
@@ -19,6 +19,12 @@ def test_fit_steps_fills_the_budget_and_clamps_the_cadence():
     assert fitted.checkpoint_every <= 500 and fitted.sample_every <= 1000
     assert fitted.lr == config.lr and fitted.ema_decay == config.ema_decay
     assert fit_steps(config, seconds=1, images_per_s=1).steps == 1
+
+
+def test_json_line_writes_non_finite_numbers_as_null():
+    line = json_line({"metrics": {"fd_clip": float("nan"), "attr_accuracy": 0.5}, "train": [float("inf"), 1]})
+    assert json.loads(line) == {"metrics": {"fd_clip": None, "attr_accuracy": 0.5}, "train": [None, 1]}
+    assert "NaN" not in line and "Infinity" not in line
 
 
 def test_check_targets_marks_each_target():
