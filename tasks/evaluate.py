@@ -645,7 +645,8 @@ def _steps_table(
 
 class _Sampling:
     """Generates in batches, keeps the wall time per sampling setting (for images/s), and reuses
-    images of deterministic samplers: there an image depends on its prompt and seed alone.
+    images: an image depends on its prompt, seed and setting alone (a stochastic sampler's step
+    noise too comes from the prompt's seed, see `TextToImage.generate`).
 
     No timed batch pays a first call's costs (cuDNN's algorithm search, lazy kernel loading,
     first allocations): each new batch size is run once untimed first, one DDIM step."""
@@ -675,7 +676,6 @@ class _Sampling:
 
     def _run(self, prompts: list[str], seeds: list[int], params: GenerationParams) -> tuple[list[torch.Tensor], float]:
         """Each image anew, and the seconds their batches took (also added to `timing`)."""
-        deterministic = params.sampler == "dpmpp_2m" or (params.sampler == "ddim" and params.eta == 0)
         out: list[torch.Tensor] = []
         total = 0.0
         bar = tqdm(total=len(prompts), desc=f"eval {params.sampler}-{params.steps}", disable=not self.progress)
@@ -690,8 +690,7 @@ class _Sampling:
             self.timing[params] = (n + len(batch), seconds + elapsed)
             for prompt, seed, image in zip(batch, batch_seeds, images.cpu(), strict=True):
                 out.append(image)
-                if deterministic:
-                    self.cache[(params, prompt, seed)] = image
+                self.cache[(params, prompt, seed)] = image
             bar.update(len(batch))
         bar.close()
         return out, total

@@ -441,6 +441,18 @@ def test_steps_table_times_each_row_on_its_own_warm_run(monkeypatch):
     assert sampler.images_per_s(ddim_50) == pytest.approx(1 / (pipe.per_step * 50))  # no first call's cost in it
 
 
+def test_images_of_every_sampler_are_reused_for_the_same_prompt_seed_and_setting():
+    # Stochastic samplers too: their step noise comes from each prompt's own seed.
+    pipe = ClockedPipe()
+    sampler = evaluate._Sampling(pipe, batch_size=4, progress=False)
+    for params in (GenerationParams(steps=3, sampler="ddpm"), GenerationParams(steps=3, sampler="ddim", eta=1.0)):
+        first = sampler.generate(["a red circle", "a blue square"], [0, 1], params)
+        drawn = len(pipe.calls)
+        again = sampler.generate(["a blue square", "a red circle", "a red circle"], [1, 0, 2], params)
+        assert [n for n, _ in pipe.calls[drawn:] if _.steps == 3] == [1]  # only the new (prompt, seed)
+        assert torch.equal(again[0], first[1]) and torch.equal(again[1], first[0])
+
+
 def test_evaluate_task_reads_the_champion_from_the_registry(shapes_dataset, checkpoint, tmp_path, monkeypatch):
     import tasks.register
 
