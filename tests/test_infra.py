@@ -5,7 +5,8 @@ Kubernetes job is checked here: the services and their wiring, health checks and
 order, volumes, loopback-only ports, credentials that come only from variables (with a
 checker that is itself tested on bad snippets), `.env.example` against the variables the
 compose file uses, the work-pool job template's placeholders against its variables schema,
-and the Dockerfile's non-root user and project install.
+and the Dockerfile's non-root user, project install, C compiler and build-context exclusions,
+and infra/README.md's `prefect deploy` commands as Prefect resolves them against prefect.yaml.
 
     .venv/bin/python -m pytest -q tests/test_infra.py
 """
@@ -465,3 +466,104 @@ def test_readme_paths_exist():
     for path in paths:
         if not path.endswith("/.env"):  # the local copy each user makes
             assert (INFRA.parent / path).exists(), f"infra/README.md names missing {path}"
+
+
+def test_worker_image_has_a_c_compiler_when_a_preset_compiles():
+    """torch.compile's Triton backend builds its launcher with a host C compiler at run time;
+    the CUDA *runtime* PyTorch images ship none ("Failed to find C compiler", pytorch#116696)."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    compiling = [p.name for p in configs.glob("*.yaml") if ((yaml.safe_load(p.read_text()) or {}).get("train") or {}).get("compile")]
+    if not compiling:
+        pytest.skip("no preset sets train.compile")
+    instructions = dockerfile_instructions(INFRA / "Dockerfile")
+    base = " ".join(args for instr, args in instructions if instr in ("ARG", "FROM") and "pytorch" in args)
+    installs_cc = any(
+        instr == "RUN" and re.search(r"apt-get install\b.*\b(gcc|build-essential|clang)\b", args) for instr, args in instructions
+    )
+    assert "-devel" in base or installs_cc, f"{compiling} set train.compile: the worker image needs a C compiler"
+
+
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether `path` (relative to the context) or a folder above it matches a dockerignore pattern
+    (the last matching pattern wins; `!` re-includes; `**/` matches any depth, the root included)."""
+    import fnmatch
+
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        # fnmatch's `*` also matches `/`, so `*/name` stands for `**/name` below the root
+        forms = {pattern[3:], "*/" + pattern[3:]} if pattern.startswith("**/") else {pattern}
+        if any(fnmatch.fnmatchcase(c, f) for c in candidates for f in forms):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_keeps_local_env_files_out_of_the_image():
+    """The settings read `.env` (tasks/settings.py) and compose reads infra/.env: both hold
+    credentials, are git-ignored, and must not be baked into the image by `COPY . .`."""
+    patterns = [
+        line.strip()
+        for line in (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert _dockerignored("data/raw/x.png", patterns) and not _dockerignored("flows/cli.py", patterns)
+    for path in (".env", "infra/.env", "configs/.env"):
+        assert _dockerignored(path, patterns), f"{path} would be copied into the worker image"
+
+
+def _readme_deploy_commands(text: str) -> list[list[str]]:
+    """The `prefect ... deploy ...` commands of the README's bash blocks, as argument lists."""
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        pending = ""
+        for line in re.sub(r"\\\n", " ", block).splitlines():
+            pending += line + "\n"
+            try:  # a quoted argument may span lines: read on until its quote closes
+                args = shlex.split(pending, comments=True)
+            except ValueError:
+                continue
+            pending = ""
+            if "prefect" in (a.rsplit("/", 1)[-1] for a in args) and "deploy" in args:
+                commands.append(args[args.index("deploy") + 1 :])
+    return commands
+
+
+def test_readme_deploy_commands_resolve_without_duplicate_schedules():
+    """A non-interactive `prefect deploy` run where prefect.yaml lies (the repository root, or
+    /opt/prefect in the image) takes that file's one deployment as its template whatever
+    --name says, and `--cron` *adds* to its schedules: an equal cron would start every run twice.
+    Resolved here with Prefect's own config code, as `prefect deploy` does before any API call."""
+    from rich.console import Console
+
+    try:  # Prefect's private deploy-config functions (3.x): a later release may move them
+        from prefect.cli.deploy._config import (
+            _apply_cli_options_to_deploy_config,
+            _load_deploy_configs_and_actions,
+            _pick_deploy_configs,
+        )
+    except ImportError as exc:
+        pytest.skip(f"prefect.cli.deploy._config moved in this Prefect release: {exc}")
+
+    console = Console(quiet=True)
+    configs, _ = _load_deploy_configs_and_actions(prefect_file=INFRA.parent / "prefect.yaml", console=console)
+    commands = _readme_deploy_commands((INFRA / "README.md").read_text())
+    assert len(commands) >= 3
+    flags = {"--name": "names", "--pool": "work_pool_name", "--cron": "cron", "--params": "params", "--job-variable": "variables"}
+    for args in commands:
+        options: dict = {"names": [], "cron": [], "variables": []}
+        it = iter(args)
+        for arg in it:
+            if arg in flags:
+                key, value = flags[arg], next(it)
+                options[key] = [*options[key], value] if isinstance(options.get(key), list) else value
+        (picked,) = _pick_deploy_configs(configs, options["names"], console=console, is_interactive=lambda: False)
+        resolved, _ = _apply_cli_options_to_deploy_config(picked, options, console=console)
+        crons = [s.get("cron") for s in resolved.get("schedules") or []]
+        assert len(crons) == len(set(crons)), f"`prefect deploy {' '.join(args)}` gets the schedule {crons} twice"
+        assert resolved["work_pool"]["name"] == options["work_pool_name"]
+        assert resolved["parameters"] == json.loads(options["params"])
