@@ -245,7 +245,8 @@ class TextEncoder(torch.nn.Module):
         # All host work before the first copy to the device: a copy from pageable memory waits
         # for the device to finish the work queued before it (the previous batch).
         device = t.positional_embedding.device
-        trie = _prefix_trie(ids, lengths) if share_prefixes and self.shares_prefixes else None
+        # An empty batch takes the padded path: a trie of no rows has no longest row.
+        trie = _prefix_trie(ids, lengths) if share_prefixes and self.shares_prefixes and len(ids) else None
         graphs = self._graph_cache(device) if trie is not None else None
         bucket = self._graph_bucket if graphs is not None else None
         arrays = None if trie is None else _plan_arrays(ids, lengths, bucket, trie)
@@ -422,9 +423,10 @@ class TextEncoder(torch.nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, E) unnormalised CLIP image embeddings.
 
-        Preprocessing follows open_clip's eval transform on tensors: bicubic resize
-        ("shortest": shorter side to the tower's size, then centre crop; "squash":
-        straight to the size), then the tower's mean/std.
+        Preprocessing is open_clip's eval transform on tensors: resize with the preprocess
+        config's interpolation ("shortest": shorter side to the tower's size, then centre crop;
+        "squash": straight to the size), sizes and crop offsets rounded as its torchvision
+        transforms round them, then the tower's mean/std.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
@@ -441,16 +443,20 @@ class TextEncoder(torch.nn.Module):
         out_h, out_w = _to_2tuple(pp["size"])
         x = images.to(self.device, torch.float32)
         h, w = x.shape[-2:]
+        mode = "bilinear" if pp.get("interpolation") == "bilinear" else "bicubic"  # open_clip's choice ("random" too)
         if pp["resize_mode"] == "shortest":
-            scale = max(out_h / h, out_w / w)
-            rh, rw = max(out_h, round(h * scale)), max(out_w, round(w * scale))
+            if out_h == out_w:  # torchvision's Resize(size): the shorter side to size, the longer one truncated
+                rh, rw = (int(out_h * h / w), out_w) if w <= h else (out_h, int(out_w * w / h))
+            else:  # open_clip's ResizeKeepRatio for a non-square size: both sides rounded
+                ratio = min(h / out_h, w / out_w)
+                rh, rw = round(h / ratio), round(w / ratio)
             if (rh, rw) != (h, w):
-                x = F.interpolate(x, size=(rh, rw), mode="bicubic", align_corners=False, antialias=True)
-            top, left = (rh - out_h) // 2, (rw - out_w) // 2
+                x = F.interpolate(x, size=(rh, rw), mode=mode, align_corners=False, antialias=True)
+            top, left = round((rh - out_h) / 2), round((rw - out_w) / 2)  # torchvision's CenterCrop (half to even)
             x = x[:, :, top : top + out_h, left : left + out_w]  # (B, 3, out_h, out_w)
         elif pp["resize_mode"] == "squash":
             if (h, w) != (out_h, out_w):
-                x = F.interpolate(x, size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=True)
+                x = F.interpolate(x, size=(out_h, out_w), mode=mode, align_corners=False, antialias=True)
         else:
             raise ValueError(f"resize_mode {pp['resize_mode']!r} of {self.config.model_name} is not supported here")
         # Bicubic overshoots; open_clip's PIL path clips to uint8 range, so clip likewise.
@@ -560,6 +566,8 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def prefix_order(text: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """(B,) the rows of `text` (B, L) ids in lexicographic order of their first `lengths` (B,)
     tokens, a prefix before its extensions: captions that begin alike become neighbours."""
+    if len(text) == 0:
+        return torch.zeros(0, dtype=torch.long)
     return torch.from_numpy(_lexicographic(_real_tokens(host_ids(text), host_ids(lengths))))
 
 

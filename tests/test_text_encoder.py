@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub.constants
 import numpy as np
@@ -17,6 +18,8 @@ import open_clip
 import open_clip.pretrained
 import pytest
 import torch
+import torchvision.transforms.functional
+from open_clip.transform import ResizeKeepRatio
 from safetensors.torch import save_file
 
 import models.text_encoder as text_encoder_module
@@ -133,6 +136,17 @@ def test_encode_shapes_mask_and_lengths():
     assert not torch.allclose(out.tokens[0, 1:n], out.tokens[1, 1:n])
     assert not torch.allclose(out.pooled[0], out.pooled[1])
     assert torch.isfinite(out.tokens).all() and torch.isfinite(out.pooled).all()
+
+
+@pytest.mark.parametrize("layer", ["penultimate", "last"])
+def test_an_empty_batch_encodes_to_empty_tensors_as_open_clip_does(layer):
+    enc = _random(layer=layer)
+    text = enc.tokenize([])
+    out = enc.encode([])
+    assert out.tokens.shape == (0, enc.context_length, enc.width) and out.mask.shape == (0, enc.context_length)
+    assert out.pooled.shape == enc.clip.encode_text(text).shape == (0, enc.pooled_dim) and out.lengths.shape == (0,)
+    assert enc.encode_tokens(text[:, :5]).tokens.shape == (0, 5, enc.width)
+    assert prefix_order(text, enc.token_lengths(text)).shape == (0,)
 
 
 def test_token_lengths_count_up_to_the_end_of_text_token():
@@ -447,6 +461,34 @@ def test_encode_images():
     torch.testing.assert_close(enc.encode_images(x), enc.clip.encode_image((x - mean) / std))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         enc.encode_images(torch.rand(1, 3, 32, 32) * 2 - 1)
+
+
+@pytest.mark.parametrize("image_size, interpolation", [(32, "bicubic"), ([24, 40], "bicubic"), (32, "bilinear")])
+def test_encode_images_resizes_and_crops_as_open_clips_eval_transform(tmp_path, image_size, interpolation):
+    # Oracle: open_clip's own eval transform (its torchvision Resize / ResizeKeepRatio and
+    # CenterCrop run on tensors too), then the clip to [0, 1] its PIL path has, then its Normalize.
+    name = f"t2i-test-image-size-{'x'.join(map(str, np.atleast_1d(image_size)))}"
+    (tmp_path / f"{name}.json").write_text(json.dumps({**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "image_size": image_size}}))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    enc = TextEncoder(TextEncoderConfig(name, allow_random_init=True))
+    enc.use_image_preprocess({"interpolation": interpolation})  # as a tag's preprocess sets it (MobileCLIP, PE-Core: bilinear)
+    pp = enc.image_preprocess
+    transform = open_clip.image_transform(pp["size"], is_train=False, mean=pp["mean"], std=pp["std"],
+                                          resize_mode=pp["resize_mode"], interpolation=pp["interpolation"])
+    resize, crop, normalize = transform.transforms[0], transform.transforms[1], transform.transforms[-1]
+
+    def resized(im: torch.Tensor) -> torch.Tensor:
+        if not isinstance(resize, ResizeKeepRatio):
+            return resize(im)
+        # ResizeKeepRatio reads a PIL image's .size: its own sizes, applied to the tensor
+        size = resize.get_params(SimpleNamespace(size=(im.shape[-1], im.shape[-2])), resize.size, resize.longest)
+        return torchvision.transforms.functional.resize(im, size, resize.interpolation)
+
+    gen = torch.Generator().manual_seed(0)
+    for h, w in [(20, 28), (35, 32), (32, 67), (13, 8), (50, 50)]:  # long sides that truncate, odd crop margins
+        x = torch.rand(2, 3, h, w, generator=gen)
+        expected = enc.clip.encode_image(torch.stack([normalize(crop(resized(im)).clamp(0, 1)) for im in x]))
+        torch.testing.assert_close(enc.encode_images(x), expected, rtol=1e-5, atol=1e-5)
 
 
 # --- weights --------------------------------------------------------------------------------
