@@ -6,8 +6,9 @@ measures the diffusion model, not a second network.
 - `parse_caption("a small red circle in the top left")` -> the shapes a caption names
   (every wording the generator writes, one or two shapes).
 - `read_shapes(image)` -> the shapes an image shows. The background colour is the median of
-  the border pixels; the foreground is what lies far from it. Colour: the named colour (or
-  black) in whose direction from the background a pixel lies (so dim or edge pixels keep their colour);
+  the border pixels; the foreground is what lies far from it. Colour: the named colour in
+  whose direction from the background a pixel lies (so dim or edge pixels keep their colour),
+  or black for a grey pixel darker than the background;
   the foreground of each colour splits into connected blobs. Per blob: a soft coverage map
   (each pixel's fraction of the way from the background to the blob's core colour, so
   anti-aliased or downscaled edges count in part) gives the centroid -> position (the third
@@ -54,6 +55,8 @@ MIN_AREA_FRACTION = 0.25 * 1.5 * min(SIZES.values()) ** 2
 SUPERSAMPLE = 4  # sub-pixels per pixel side for the ideal coverage templates
 # The colours `read_shapes` names: the palette, and black, which no prompt names (see there).
 READ_COLOURS = {**COLOURS, "black": BACKGROUNDS["black"]}
+# A pixel whose channels differ by less than this is grey (no hue); darker than the background, black.
+NEUTRAL_SPREAD = 48.0
 
 
 @dataclass(frozen=True)
@@ -158,13 +161,17 @@ def read_shapes(image: Image.Image | np.ndarray, max_shapes: int = 2) -> list[De
     # lies (cosine). Mixing with the background (edges, downscaling) keeps the direction, so an
     # edge pixel keeps its shape's colour; two shapes of different colours stay apart even
     # where downscaling blurs the gap between them (the generator never pairs equal colours).
-    # Black is a class too (no prompt names it): from a grey background it lies as much towards
-    # red as green or blue, so a dark shape would otherwise read as red (the first of them).
-    # From a black background its direction is zero and it never wins.
-    names = list(READ_COLOURS)
-    palette = np.asarray([READ_COLOURS[n] for n in names], dtype=np.float64) - background  # (C, 3)
+    names = list(COLOURS)
+    palette = np.asarray([COLOURS[n] for n in names], dtype=np.float64) - background  # (C, 3)
     palette /= np.maximum(np.linalg.norm(palette, axis=-1, keepdims=True), 1e-6)
     colour_class = (offset @ palette.T).argmax(axis=-1)  # (H, W)
+    # Black, which no prompt names: from a grey background a dark grey pixel lies as much towards
+    # red as green or blue, and would read as red (the first of them). A pixel with (nearly)
+    # equal channels, darker than the background, is black; a dark but coloured one (navy, dark
+    # red) keeps its colour. On a black background nothing is darker: black never wins there.
+    dark_grey = (np.ptp(pixels, axis=-1) < NEUTRAL_SPREAD) & (pixels.mean(axis=-1) < background.mean())  # (H, W)
+    colour_class = np.where(dark_grey, len(names), colour_class)
+    names.append("black")
 
     ys, xs = np.mgrid[0:h, 0:w] + 0.5  # pixel centres
     blobs = []  # (area, colour, coverage (H, W), core rgb)

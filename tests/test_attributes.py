@@ -256,3 +256,9 @@ def test_a_dark_shape_on_grey_is_not_read_as_a_palette_colour():
     assert scores["colour_acc"] == 0.0 and scores["shape_acc"] == scores["position_acc"] == 1.0
     (white,) = read_shapes(render_shapes([ShapeSpec("white", "circle", "small", "centre")], 32, "grey"))
     assert white.colour == "white"
+    # Dark grey is black too; dark but coloured fills keep their colour (only hue-less pixels are black).
+    for fill, colour in [((40, 40, 40), "black"), ((0, 0, 90), "blue"), ((110, 0, 0), "red"), ((0, 100, 0), "green")]:
+        recoloured = np.asarray(image).copy()
+        recoloured[(recoloured != BACKGROUNDS["grey"]).any(axis=-1)] = fill
+        (found,) = read_shapes(recoloured)
+        assert found.colour == colour, (fill, found.colour)
