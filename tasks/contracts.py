@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Descriptor(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinities written as JSON's NaN/Infinity (as Python's json does), not null: a
+    # diverged model's metric must read back as a float (`t2i evaluate` then `t2i register`).
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
 
 class DatasetVersion(_Descriptor):

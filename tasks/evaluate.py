@@ -764,18 +764,12 @@ def _log_to_mlflow(
     Config goes in tags, not params: params are immutable, and a run may be evaluated twice."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
 
-    from tasks.tracking import ensure_experiment
+    from tasks.tracking import ensure_experiment, training_run
 
     client = MlflowClient(tracking_uri=get_settings().mlflow_tracking_uri)
-    run_id, new_run = train.mlflow_run_id, False
-    if run_id is not None:
-        try:
-            client.get_run(run_id)
-        except MlflowException:
-            run_id = None  # the run lives in another tracking store
-    if run_id is None:
+    run_id, new_run = training_run(client, train.mlflow_run_id), False
+    if run_id is None:  # another store's run, a deleted one, or none
         experiment_id = ensure_experiment(client, experiment)
         run = client.create_run(
             experiment_id, run_name=f"eval-{out_dir.name}", tags={"t2i.stage": "evaluate", "t2i.dataset": dataset.name}

@@ -46,7 +46,7 @@ from tasks.evaluate import is_better_or_equal
 from tasks.prefect_compat import exponential_backoff, task
 from tasks.register_config import TAG_KEY_RULE, RegisterConfig, invalid_tag_keys
 from tasks.settings import get_settings
-from tasks.tracking import ensure_experiment, mlflow_uris, set_alias
+from tasks.tracking import ensure_experiment, mlflow_uris, set_alias, training_run
 
 log = logging.getLogger(__name__)
 
@@ -261,15 +261,9 @@ def _version_with_fingerprint(client: MlflowClient, name: str, fingerprint: str)
 def _run_id(client: MlflowClient, train: TrainResult, config: RegisterConfig, fingerprint: str) -> str:
     """The training run when this tracking store has it (and it is not deleted: MLflow cannot log
     into a deleted run), else a new run in `config.experiment`."""
-    if train.mlflow_run_id:
-        try:
-            info = client.get_run(train.mlflow_run_id).info
-        except MlflowException:
-            log.warning("training run %s is not in this tracking store; logging into a new run", train.mlflow_run_id)
-        else:
-            if info.lifecycle_stage == "active":
-                return info.run_id
-            log.warning("training run %s is deleted; logging into a new run", train.mlflow_run_id)
+    run_id = training_run(client, train.mlflow_run_id)
+    if run_id is not None:
+        return run_id
     experiment_id = ensure_experiment(client, config.experiment)
     run = client.create_run(experiment_id, run_name=f"register-{fingerprint}", tags={"t2i.stage": "register"})
     return run.info.run_id

@@ -22,7 +22,8 @@ def invalid_tag_keys(keys) -> list[str]:
     """The keys MLflow would refuse as tag keys: other characters, too long, or not a normalised path."""
     return sorted(
         (k for k in keys
-         if not (isinstance(k, str) and TAG_KEY.fullmatch(k)) or posixpath.normpath(k) != k or k.startswith(("..", "/"))),
+         if not (isinstance(k, str) and TAG_KEY.fullmatch(k)) or posixpath.normpath(k) != k or k == "."
+         or k.startswith(("..", "/"))),
         key=str,
     )
 

@@ -6,6 +6,7 @@ Imported lazily by the stages (MLflow is not needed to import `tasks.train`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from tasks.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
@@ -32,6 +35,22 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
         return client.get_experiment_by_name(name).experiment_id  # another run created it first
+
+
+def training_run(client: MlflowClient, run_id: str | None) -> str | None:
+    """`run_id` when this tracking store holds it as an active run, else None (logged): a run of
+    another store, or a deleted one, which MLflow refuses to log into. The caller makes a new run."""
+    if not run_id:
+        return None
+    try:
+        info = client.get_run(run_id).info
+    except MlflowException:
+        log.warning("training run %s is not in this tracking store; logging into a new run", run_id)
+        return None
+    if info.lifecycle_stage != "active":
+        log.warning("training run %s is deleted; logging into a new run", run_id)
+        return None
+    return info.run_id
 
 
 def set_alias(client: MlflowClient, name: str, alias: str, version: str | int, attempts: int = 3) -> None:

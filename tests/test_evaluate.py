@@ -20,7 +20,7 @@ from models.schedule import NoiseSchedule, ScheduleConfig
 from models.text_encoder import TextEncoder, TextEncoderConfig
 from models.unet import UNet, UNetConfig
 from tasks.attributes import parse_caption
-from tasks.contracts import DatasetVersion, TrainResult
+from tasks.contracts import DatasetVersion, EvalReport, TrainResult
 from tasks.evaluate import (
     EvalConfig,
     attribute_prompts,
@@ -192,6 +192,11 @@ def test_fd_of_non_finite_embeddings_is_nan_not_a_crash():
         b[0, 0] = bad
         assert math.isnan(frechet_distance(a, b)) and math.isnan(frechet_distance(b, a))
     assert not gate({"fd_clip": frechet_distance(a, np.full_like(a, math.nan))}, "fd_clip", 1e9, None)[0]
+    # The report of such a model reads back from its JSON (`t2i evaluate` writes it, `t2i register` reads it).
+    report = EvalReport(grid_path="g.png", metrics={"fd_clip": math.nan, "attr_accuracy": 0.5}, primary_metric="fd_clip",
+                        threshold=1.0, passed=False, reason="fd_clip nan misses the threshold")  # fmt: skip
+    again = EvalReport.model_validate_json(report.model_dump_json())
+    assert math.isnan(again.metrics["fd_clip"]) and again.metrics["attr_accuracy"] == 0.5
 
 
 def test_clip_score_is_the_mean_cosine():
@@ -256,6 +261,24 @@ def test_shapes_source_reads_the_generator_heldout_list_and_falls_back_to_the_ro
 
 
 # --- evaluate_model -------------------------------------------------------------------------------------------
+
+
+def test_a_deleted_training_run_gets_a_new_evaluation_run(shapes_dataset, checkpoint, tmp_path):
+    # MLflow refuses to log into a deleted run (cleaned up in the UI): evaluate logs into a new one.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=get_settings().mlflow_tracking_uri)
+    deleted = client.create_run(client.create_experiment("train-deleted")).info.run_id
+    client.delete_run(deleted)
+    out_dir = tmp_path / "eval" / "k1"
+    out_dir.mkdir(parents=True)
+    for name in (evaluate.GRID_FILE, evaluate.STEPS_TABLE_FILE):
+        (out_dir / name).write_bytes(b"x")
+    train = _train_result(tmp_path, checkpoint, deleted)
+    run_id = evaluate._log_to_mlflow(train, shapes_dataset, EvalConfig(**TINY), {"attr_accuracy": 0.5},
+                                     {"fd_clip": "n/a"}, out_dir, "t2i-eval")  # fmt: skip
+    run = client.get_run(run_id)
+    assert run_id != deleted and run.info.lifecycle_stage == "active" and run.data.metrics["attr_accuracy"] == 0.5
 
 
 def test_evaluate_tiny_run_logs_metrics_and_grid_to_the_training_run(shapes_dataset, checkpoint, tmp_path):
