@@ -14,6 +14,7 @@ import hashlib
 import json
 import operator
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from models import __version__
 from models.checkpoint import load_weights, save_weights, write_json_atomic
 from models.samplers import SAMPLERS, make_sampler, sample
 from models.samplers.guidance import guided_model_fn
+from models.samplers.ddpm import draw_noise
 from models.schedule import NoiseSchedule, ScheduleConfig
 from models.text_encoder import TextEncoder, TextEncoderConfig
 from models.unet import UNet, UNetConfig
@@ -142,7 +144,7 @@ class TextToImage:
         shape = (3, self.resolution, self.resolution)
         # x_T per prompt from its own seed, drawn on the CPU so a seed means the same image on any device.
         generators = [torch.Generator().manual_seed(s) for s in seed_list]
-        x_T = torch.stack([torch.randn(shape, generator=g) for g in generators])
+        x_T = draw_noise((len(generators), *shape), generators, "cpu", torch.float32)  # (B, 3, H, W)
         # A stochastic sampler's step noise for prompt i from generator i, past x_T[i]: independent of the
         # batch, and never a replay of x_T (a fresh generator of the same seed would redraw it).
         x0 = sample(
@@ -254,7 +256,7 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def _seed_list(seeds: int | list[int], n: int) -> list[int]:
+def _seed_list(seeds: int | Iterable[int], n: int) -> list[int]:
     """One seed per prompt: `seeds` itself, or seeds, seeds + 1, ... for a single int. A seed that is
     not an integer (1.5, True, "3") is an error, never rounded into another image's seed."""
 
@@ -266,9 +268,9 @@ def _seed_list(seeds: int | list[int], n: int) -> list[int]:
         except TypeError:
             raise ValueError(f"seeds must be integers, got {s!r} ({type(s).__name__})") from None
 
-    if not isinstance(seeds, list | tuple | np.ndarray):
-        return [as_int(seeds) + i for i in range(n)]
-    seeds = list(seeds)
+    if isinstance(seeds, str | bytes) or not isinstance(seeds, Iterable) or getattr(seeds, "ndim", 1) == 0:
+        return [as_int(seeds) + i for i in range(n)]  # one seed (an int, a numpy or 0-d tensor integer)
+    seeds = list(seeds)  # a list, tuple, range, array or tensor of them
     if len(seeds) != n:
         raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
     return [as_int(s) for s in seeds]

@@ -236,3 +236,9 @@ def test_seeds_must_be_integers_never_rounded(pipe):
     import numpy as np
 
     assert torch.equal(pipe.generate(["x"], seeds=[np.int64(4)], params=params), pipe.generate(["x"], 4, params))
+    # Any sequence of integers, and an integer scalar of numpy or torch, is taken as it is.
+    two = pipe.generate(["x", "y"], [3, 4], params)
+    for seeds in (range(3, 5), torch.tensor([3, 4]), np.array([3, 4]), torch.tensor(3), np.int32(3)):
+        assert torch.equal(pipe.generate(["x", "y"], seeds, params), two), seeds
+    with pytest.raises(ValueError, match="seeds must be integers"):
+        pipe.generate(["x"], torch.tensor([1.5]), params)
