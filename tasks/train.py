@@ -537,12 +537,18 @@ class _Trainer:
         c = self.config
         micro = c.batch_size // (c.grad_accum * self.dist.world)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # The next grad_accum that still splits batch_size evenly (TrainConfig's rule), if any.
+        more = next((g for g in range(c.grad_accum + 1, c.batch_size + 1) if c.batch_size % (g * self.dist.world) == 0), None)
+        change = (
+            f"raise train.grad_accum to {more} (the same batch_size per optimizer step, in smaller micro-batches) "
+            "or lower train.batch_size"
+            if more is not None
+            else "lower train.batch_size (micro-batches are already 1 image)"
+        )
         return (
             f"{self.device} ran out of memory ({first}) training micro-batches of {micro} images at "
             f"{self.dataset.resolution} px (batch_size {c.batch_size} / grad_accum {c.grad_accum} / "
-            f"{self.dist.world} process(es)): raise train.grad_accum (e.g. to {2 * c.grad_accum}; the same "
-            f"batch_size per optimizer step, in smaller micro-batches) or lower train.batch_size. "
-            f"The checkpoints so far are kept; the run resumes from the last one"
+            f"{self.dist.world} process(es)): {change}. The checkpoints so far are kept; the run resumes from the last one"
         )
 
     def _run(self) -> TrainResult:

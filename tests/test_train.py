@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -398,7 +399,7 @@ def test_out_of_gpu_memory_names_the_micro_batch_and_what_to_change_and_is_not_r
     message = str(info.value)
     assert "ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in message
     assert "micro-batches of 4 images at 8 px (batch_size 8 / grad_accum 2 / 1 process(es))" in message
-    assert "train.grad_accum (e.g. to 4" in message and isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    assert "raise train.grad_accum to 4 " in message and isinstance(info.value.__cause__, torch.OutOfMemoryError)
     assert [p.name for p in (run_dir / CHECKPOINTS_DIR).iterdir()] == ["step-00000002"]  # kept for a resume
 
     class Failed:
@@ -406,6 +407,17 @@ def test_out_of_gpu_memory_names_the_micro_batch_and_what_to_change_and_is_not_r
             raise info.value
 
     assert train_module._retry_unless_deterministic(None, None, Failed()) is False
+
+    # The advice names a grad_accum TrainConfig takes (it must split batch_size), or none left.
+    advice = {}
+    for batch_size, grad_accum in ((12, 4), (8, 8)):
+        shutil.rmtree(run_dir)
+        with pytest.raises(TrainingError) as info:
+            train_model(dataset, embeddings, tiny(batch_size=batch_size, grad_accum=grad_accum, checkpoint_every=2),
+                        run_dir=run_dir, mlflow_experiment=None, progress=False)  # fmt: skip
+        advice[batch_size, grad_accum] = str(info.value)
+    assert "raise train.grad_accum to 6 " in advice[12, 4]
+    assert "lower train.batch_size (micro-batches are already 1 image)" in advice[8, 8]
 
 
 # ---- tracking ---------------------------------------------------------------------------------
