@@ -81,10 +81,10 @@ def _preset(name: str, overrides: list[str] | None):
 
 @contextmanager
 def _stage_errors() -> Iterator[None]:
-    """A stage refusing its input or failing for good (the project's errors say what to do: a
-    ValueError subclass, a missing file, a TrainingError, a StorageError, a flow's StageFailed) ends
-    the command with that message on one line, not a traceback; any other exception is a bug and
-    keeps its traceback."""
+    """A stage refusing its input or failing for good ends the command with its message on one
+    line, not a traceback: the project reports bad input as a ValueError (or a subclass), a missing
+    file, a TrainingError, a StorageError or a flow's StageFailed, each saying what to do. A
+    library's ValueError prints the same way; any other exception keeps its traceback."""
     try:
         yield
     except Exception as exc:

@@ -127,7 +127,7 @@ class EmbedConfig(BaseModel):
         True,
         description="on a GPU, run the text tower through CUDA graphs (one launch per batch instead of one "
         "per op; a graph per padded batch shape, captured on first use; turned off with a warning if a capture "
-        "fails or the first replay disagrees with the tower run eagerly; 1.4x the eager stage on an H100); "
+        "fails or the first replay disagrees with the tower run eagerly; 1.2-1.4x the eager stage on an H100); "
         "ignored on the CPU",
     )
     tokenize_workers: int | None = Field(

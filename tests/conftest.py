@@ -119,6 +119,11 @@ def tiny_pipeline_params(tiny_clip):
 # --- a private PostgreSQL cluster for the integration tests (tests/test_integration_pg.py) ------
 
 
+def plain(text: str) -> str:
+    """A CLI error message as one line: the words of a rich-boxed, wrapped error."""
+    return " ".join(text.replace("│", " ").split())
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     import socket

@@ -4,6 +4,7 @@ The stage functions are replaced by recorders; nothing is ingested, embedded or 
 from __future__ import annotations
 
 import pytest
+from conftest import plain
 from typer.testing import CliRunner
 
 import flows.deploy
@@ -72,10 +73,6 @@ def test_weights_paths_with_quotes_reach_the_config_as_given(embed_configs):
         assert embed_configs[-1].encoder["weights"] == path
 
 
-def _plain(text: str) -> str:
-    """An error message as one line: the words of a rich-boxed, wrapped CLI error."""
-    return " ".join(text.replace("│", " ").split())
-
 
 def test_run_rejects_a_bad_preset_or_override_as_a_usage_error(monkeypatch):
     import flows.pipeline
@@ -89,7 +86,7 @@ def test_run_rejects_a_bad_preset_or_override_as_a_usage_error(monkeypatch):
     ):
         result = runner.invoke(app, ["run", *args])
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
-        assert message in _plain(result.output)
+        assert message in plain(result.output)
 
 
 def test_a_stage_refusing_its_input_is_a_one_line_error_not_a_traceback(monkeypatch, tmp_path):
@@ -115,7 +112,7 @@ def test_a_stage_refusing_its_input_is_a_one_line_error_not_a_traceback(monkeypa
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.exception)
-        assert message in _plain(result.output), result.output
+        assert message in plain(result.output), result.output
 
 
 def test_sample_scale_below_one_is_rejected_not_ignored(monkeypatch):
@@ -128,14 +125,14 @@ def test_sample_scale_below_one_is_rejected_not_ignored(monkeypatch):
 def test_register_rejects_a_run_dir_together_with_restore(monkeypatch, tmp_path):
     monkeypatch.setattr(tasks.register, "restore_champion", lambda name, version: pytest.fail("restored"))
     result = CliRunner().invoke(app, ["register", str(tmp_path), "--restore", "3"])
-    assert result.exit_code == 2 and "either RUN_DIR or --restore" in _plain(result.output)
+    assert result.exit_code == 2 and "either RUN_DIR or --restore" in plain(result.output)
 
 
 def test_an_empty_deployment_name_is_rejected_not_replaced(monkeypatch):
     monkeypatch.setattr(flows.deploy, "require_api_url", lambda: "http://127.0.0.1:4200/api")
     monkeypatch.setattr(flows.deploy, "serve_deployment", lambda spec: pytest.fail(f"served {spec.name!r}"))
     result = CliRunner().invoke(app, ["deploy", "--deployment", ""])
-    assert result.exit_code == 2 and "deployment name must not be empty" in _plain(result.output)
+    assert result.exit_code == 2 and "deployment name must not be empty" in plain(result.output)
 
 
 def test_deploy_to_a_work_pool_pins_relative_paths_to_absolute_ones(monkeypatch, tmp_path):
@@ -187,7 +184,7 @@ def test_evaluate_never_leaves_a_half_written_report(monkeypatch, tmp_path):
 def test_a_bad_preset_value_is_one_line_naming_the_key_and_the_value():
     result = CliRunner().invoke(app, ["shapes", "--set", "shapes.n_images=abc"])
     assert result.exit_code == 2
-    message = _plain(result.output)
+    message = plain(result.output)
     assert "shapes.n_images: Input should be a valid integer" in message and "(got 'abc')" in message
     assert "errors.pydantic.dev" not in message and "validation error for" not in message
 
@@ -196,14 +193,14 @@ def test_sample_rejects_an_output_name_without_an_image_extension_before_samplin
     monkeypatch.setattr(tasks.register, "sample_images", lambda *a, **k: pytest.fail("sampled before checking --out"))
     for out in ("out", "grid.txt"):
         result = CliRunner().invoke(app, ["sample", "a red circle", "--out", str(tmp_path / out)])
-        assert result.exit_code == 2 and "--out" in result.output and "e.g. --out out.png" in _plain(result.output)
+        assert result.exit_code == 2 and "--out" in result.output and "e.g. --out out.png" in plain(result.output)
 
 
 def test_shapes_refusing_its_folder_is_a_one_line_error(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     result = CliRunner().invoke(app, ["shapes", "--out", str(tmp_path)])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
-    assert "is not empty and is not a shapes set" in _plain(result.output)
+    assert "is not empty and is not a shapes set" in plain(result.output)
 
 
 def test_an_s3_data_root_without_a_bucket_is_an_error(monkeypatch, tmp_path):
@@ -213,10 +210,10 @@ def test_an_s3_data_root_without_a_bucket_is_an_error(monkeypatch, tmp_path):
         monkeypatch.setenv("T2I_DATA_ROOT", root)
         result = CliRunner().invoke(app, ["shapes", "--set", "shapes.n_images=10"])
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (root, result.exception)
-        assert "a URI data root must be s3://bucket[/prefix]" in _plain(result.output)
+        assert "a URI data root must be s3://bucket[/prefix]" in plain(result.output)
 
 
 def test_help_names_the_data_root_where_it_says_where_data_goes():
     runner = CliRunner()
     for command in ("shapes", "ingest"):
-        assert "T2I_DATA_ROOT" in _plain(runner.invoke(app, [command, "--help"]).output), command
+        assert "T2I_DATA_ROOT" in plain(runner.invoke(app, [command, "--help"]).output), command

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import console_script, free_port, stop_group
+from conftest import console_script, free_port, plain, stop_group
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -175,10 +175,6 @@ def _wait_for(what: str, check, timeout: float, procs: list[Proc], interval: flo
             pytest.fail(f"{what}: not after {timeout} s\n" + "\n".join(p.tail() for p in procs))
         time.sleep(interval)
 
-
-def _plain(text: str) -> str:
-    """An error message as one line: the words of a rich-boxed, wrapped CLI error."""
-    return " ".join(text.replace("│", " ").split())
 
 
 def _flow_run_logs(server: Server, flow_run_id: str, n: int = 40) -> str:
@@ -329,8 +325,8 @@ def test_prefect_deploy_and_t2i_deploy_to_a_work_pool_agree(prefect_server, tmp_
             wrong_type = CliRunner().invoke(app, ["deploy", "--work-pool", "k8s"])
         for result in (ok, scheduled, unscheduled):
             assert result.exit_code == 0, result.output
-        assert missing.exit_code == 2 and "prefect work-pool create nope --type process" in _plain(missing.output)
-        assert wrong_type.exit_code == 2 and "'k8s' is a 'kubernetes' pool" in _plain(wrong_type.output)
+        assert missing.exit_code == 2 and "prefect work-pool create nope --type process" in plain(missing.output)
+        assert wrong_type.exit_code == 2 and "'k8s' is a 'kubernetes' pool" in plain(wrong_type.output)
         try:
             code = prefect_deploy.popen.wait(180)
         except subprocess.TimeoutExpired:
@@ -401,4 +397,4 @@ def test_deploy_rejects_bad_input_before_contacting_prefect(args, message):
     # each fails on its input with its own message, before the command asks Prefect anything
     result = CliRunner().invoke(app, ["deploy", *args])
     assert result.exit_code == 2, result.output
-    assert message in _plain(result.output)
+    assert message in plain(result.output)
