@@ -26,7 +26,6 @@ from models import __version__
 from models.checkpoint import load_weights, save_weights, write_json_atomic
 from models.samplers import SAMPLERS, make_sampler, sample
 from models.samplers.guidance import guided_model_fn
-from models.samplers.ddpm import draw_noise
 from models.schedule import NoiseSchedule, ScheduleConfig
 from models.text_encoder import TextEncoder, TextEncoderConfig
 from models.unet import UNet, UNetConfig
@@ -141,21 +140,12 @@ class TextToImage:
             **pooled,
         )
         sampler = self.sampler(params)
-        shape = (3, self.resolution, self.resolution)
-        # x_T per prompt from its own seed, drawn on the CPU so a seed means the same image on any device.
+        # One CPU generator per prompt, from its seed: prompt i's x_T and a stochastic sampler's step
+        # noise (drawn after x_T, never a replay of it) come from generator i alone, so an image does
+        # not depend on the batch, and a seed means the same image on any device.
         generators = [torch.Generator().manual_seed(s) for s in seed_list]
-        x_T = draw_noise((len(generators), *shape), generators, "cpu", torch.float32)  # (B, 3, H, W)
-        # A stochastic sampler's step noise for prompt i from generator i, past x_T[i]: independent of the
-        # batch, and never a replay of x_T (a fresh generator of the same seed would redraw it).
-        x0 = sample(
-            denoiser,
-            sampler,
-            x_T.shape,
-            generator=generators,
-            device=device,
-            x_T=x_T,
-            progress=progress,
-        )
+        shape = (len(generators), 3, self.resolution, self.resolution)
+        x0 = sample(denoiser, sampler, shape, generator=generators, device=device, progress=progress)
         return x0.clamp(-1.0, 1.0)
 
     def __call__(
