@@ -533,9 +533,13 @@ class _Trainer:
             with contextlib.suppress(OSError):
                 (self.run_dir / DATA_CACHE_DIR).rmdir()  # the last rank out removes the folder
 
+    @property
+    def micro_batch(self) -> int:
+        """Images per process and micro-batch."""
+        return self.config.batch_size // (self.config.grad_accum * self.dist.world)
+
     def _out_of_memory(self, exc: BaseException) -> str:
-        c = self.config
-        micro = c.batch_size // (c.grad_accum * self.dist.world)
+        c, micro = self.config, self.micro_batch
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         # The next grad_accum that still splits batch_size evenly (TrainConfig's rule), if any.
         more = next((g for g in range(c.grad_accum + 1, c.batch_size + 1) if c.batch_size % (g * self.dist.world) == 0), None)
@@ -580,8 +584,7 @@ class _Trainer:
             self.tracker.end(status)
 
     def _loop(self, step: int) -> int:
-        c = self.config
-        micro = c.batch_size // (c.grad_accum * self.dist.world)
+        c, micro = self.config, self.micro_batch
         loss_sum = torch.zeros((), device=self.device)
         gnorm_sum = torch.zeros((), device=self.device)
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
